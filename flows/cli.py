@@ -1,0 +1,229 @@
+"""The ``photocal`` command line: simulate, run, demo."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+# Quiet, patient defaults for the embedded mode; an operator's environment wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+os.environ.setdefault("DASK_DISTRIBUTED__WORKER__DAEMON", "False")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from sim.config import INSTRUMENTS, PRESETS
+
+
+def _night(text: str) -> str:
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"night {text!r} is not a YYYY-MM-DD date") from None
+
+
+def _stages(text: str) -> list[str]:
+    from flows.pipeline import STAGES
+
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage(s) {unknown or text!r}; available: {','.join(STAGES)}"
+        )
+    return stages
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="photocal", description="Nightly photometric calibration of a wide-field survey."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "simulate", help="simulate a survey: raw FITS, reference catalog, truth store"
+    )
+    p.add_argument("out", type=Path, help="output directory (raw/, refcat.fits, truth.zarr)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument(
+        "--nights", type=_positive, default=None, help="number of nights (preset default)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--domain",
+        choices=sorted(INSTRUMENTS),
+        default="A",
+        help="instrument domain (B: different gain, PSF, throughput)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=min(2, os.cpu_count() or 1),
+        help="processes rendering exposures",
+    )
+    p.add_argument(
+        "--bad-files",
+        action="store_true",
+        help="also write one damaged raw file of each kind under raw/damaged/",
+    )
+
+    p = sub.add_parser("run", help="run pipeline stages through the Prefect flow")
+    p.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
+    p.add_argument("--raw", help="raw FITS root (searched recursively)")
+    p.add_argument("--refcat", type=Path, help="reference catalog (FITS or ECSV)")
+    p.add_argument(
+        "--night",
+        dest="nights",
+        action="append",
+        type=_night,
+        help="observing night YYYY-MM-DD (repeatable; default: all found)",
+    )
+    p.add_argument(
+        "--stages", type=_stages, default=None, help="comma-separated stages (default: all)"
+    )
+    p.add_argument(
+        "--site-longitude",
+        type=float,
+        default=None,
+        help="east-positive site longitude in degrees (default: Palomar)",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--dask-address", help="tcp://HOST:PORT of a running dask scheduler")
+    where.add_argument(
+        "--workers", type=_positive, help="workers of the local Dask cluster (default 2)"
+    )
+
+    p = sub.add_parser("demo", help="simulate a small survey and run the pipeline on it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--workdir", type=Path, default=Path("work/demo"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive, default=2)
+    return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tasks.simulate import simulate_survey
+
+    res = simulate_survey(
+        args.out,
+        preset=args.preset,
+        nights=args.nights,
+        seed=args.seed,
+        domain=args.domain,
+        jobs=args.jobs,
+        bad_files=args.bad_files,
+    )
+    print(
+        f"simulated {res.n_files} exposures over nights {', '.join(res.nights)} "
+        f"in {res.wall_s:.1f} s"
+    )
+    print(f"  raw:    {res.raw}")
+    print(f"  refcat: {res.refcat} ({res.n_refcat} stars)")
+    print(f"  truth:  {res.truth}")
+    for kind, path in res.bad_files.items():
+        print(f"  damaged ({kind}): {path}")
+    return 0
+
+
+def run_pipeline(
+    *,
+    store: str,
+    raw: str | None,
+    nights: list[str] | None,
+    stages: list[str] | None,
+    site_longitude: float | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+) -> dict:
+    from flows.api import prefect_api
+    from flows.pipeline import photocal_run
+    from flows.runners import make_task_runner
+    from tasks.index import IndexConfig
+
+    index = (
+        IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
+    )
+    runner = make_task_runner(dask_address=dask_address, workers=workers)
+    with prefect_api():
+        return photocal_run.with_options(task_runner=runner)(
+            store=store, raw=raw, nights=nights, stages=stages, index=index
+        )
+
+
+def print_summary(summary: dict) -> None:
+    print(f"store: {summary['store']}")
+    for night, counts in summary["nights"].items():
+        parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        print(f"  index/{night}: {parts}")
+    if summary["rejected"]:
+        print(f"rejected files ({len(summary['rejected'])}):")
+        for path, reason in summary["rejected"]:
+            print(f"  {path}: {reason}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.raw is None:
+        print("photocal run: --raw is required for the index stage", file=sys.stderr)
+        return 2
+    summary = run_pipeline(
+        store=args.store,
+        raw=args.raw,
+        nights=args.nights,
+        stages=args.stages,
+        site_longitude=args.site_longitude,
+        dask_address=args.dask_address,
+        workers=args.workers,
+    )
+    print_summary(summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.simulate import simulate_survey
+
+    work = args.workdir
+    t0 = time.perf_counter()
+    print(f"[1/2] simulating the '{args.preset}' survey into {work} ...", flush=True)
+    res = simulate_survey(
+        work / "sim",
+        preset=args.preset,
+        seed=args.seed,
+        jobs=min(args.workers, os.cpu_count() or 1),
+        bad_files=True,
+    )
+    print(
+        f"      {res.n_files} exposures + {len(res.bad_files)} damaged files, nights "
+        f"{', '.join(res.nights)}, {res.n_refcat} reference stars ({res.wall_s:.1f} s)"
+    )
+    print("[2/2] running the pipeline (Prefect flow on a local Dask cluster) ...", flush=True)
+    t1 = time.perf_counter()
+    store = work / "photocal.zarr"
+    summary = run_pipeline(
+        store=str(store), raw=str(res.raw), nights=None, stages=None, workers=args.workers
+    )
+    print(f"      done in {time.perf_counter() - t1:.1f} s")
+    print_summary(summary)
+    print(f"truth store for scoring: {res.truth}")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"simulate": cmd_simulate, "run": cmd_run, "demo": cmd_demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

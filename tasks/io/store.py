@@ -1,0 +1,177 @@
+"""The photocal Zarr store: one Zarr v3 hierarchy, groups written as xarray
+Datasets, each write atomic per group (BRIEF §4, docs/store.md).
+
+Atomicity. On a local store a group is written in full to a staging directory
+beside the store and then swapped into place with directory renames, so a reader
+sees either the old group, no group, or the complete new one. Every group also
+carries ``attrs['photocal_complete'] = True``, written last; readers treat a
+group without it as absent, which also protects object stores (fsspec URLs),
+where the group is written in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+COMPLETE_ATTR = "photocal_complete"
+
+
+class StoreError(RuntimeError):
+    """A store group is missing, incomplete or malformed."""
+
+
+def photocal_version() -> str:
+    try:
+        return version("photocal")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _is_local(store: str | os.PathLike) -> bool:
+    s = str(store)
+    return "://" not in s or s.startswith("file://")
+
+
+def _local_path(store: str | os.PathLike) -> Path:
+    s = str(store)
+    return Path(s.removeprefix("file://"))
+
+
+def _check_group_name(group: str) -> str:
+    parts = group.strip("/").split("/")
+    if not group or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise ValueError(f"invalid store group name {group!r}")
+    return "/".join(parts)
+
+
+def _json_safe(value: Any) -> Any:
+    """Attrs must be JSON: turn numpy scalars, paths and tuples into plain values."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (Path, os.PathLike)):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"attribute value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def _prepare(ds: xr.Dataset) -> xr.Dataset:
+    """Strings go to Zarr as variable-length UTF-8 (object dtype): fixed-width
+    unicode has no stable Zarr v3 specification."""
+    out = ds.copy()
+    for name, var in list(out.variables.items()):
+        if var.dtype.kind == "U" or var.dtype.kind == "T":
+            out[name] = var.copy(data=np.asarray(var.values, dtype=object))
+    return out
+
+
+def _ensure_parents(root: Path | str, group: str) -> None:
+    """Create the intermediate groups (with their zarr.json) above ``group``."""
+    g = zarr.open_group(str(root), mode="a", zarr_format=3)
+    for part in group.split("/")[:-1]:
+        g = g.require_group(part)
+
+
+def write_group(
+    store: str | os.PathLike,
+    group: str,
+    ds: xr.Dataset,
+    *,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``ds`` as ``store/group``, replacing any previous version atomically.
+
+    Parameters
+    ----------
+    store : str or path
+        Local path of the Zarr store (created if missing) or an fsspec URL.
+    group : str
+        Group path such as ``'index/2026-03-10'``.
+    ds : xarray.Dataset
+        The content. String variables are stored as variable-length UTF-8.
+    attrs : mapping, optional
+        Provenance written into the group's attrs (configuration, inputs); the
+        photocal version and the completion marker are added.
+    """
+    group = _check_group_name(group)
+    ds = _prepare(ds)
+    ds.attrs = {
+        **_json_safe(dict(ds.attrs)),
+        **_json_safe(dict(attrs or {})),
+        "photocal_version": photocal_version(),
+    }
+    if not _is_local(store):
+        _write_in_place(str(store), group, ds)
+        return
+    root = _local_path(store)
+    root.mkdir(parents=True, exist_ok=True)
+    _ensure_parents(root, group)
+    staging_root = root.parent / f".{root.name}.staging"
+    staging_root.mkdir(exist_ok=True)
+    staging = staging_root / uuid.uuid4().hex
+    trash = staging_root / f"old-{uuid.uuid4().hex}"
+    try:
+        ds.to_zarr(str(staging), mode="w", consolidated=False, zarr_format=3)
+        zarr.open_group(str(staging), mode="r+").attrs[COMPLETE_ATTR] = True
+        target = root / group
+        if target.exists():
+            target.rename(trash)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_in_place(store: str, group: str, ds: xr.Dataset) -> None:
+    root = zarr.open_group(store, mode="a", zarr_format=3)
+    if group in root:
+        # Readers must stop trusting the old group before it is overwritten.
+        root[group].attrs[COMPLETE_ATTR] = False
+    _ensure_parents(store, group)
+    ds.to_zarr(store, group=group, mode="w", consolidated=False, zarr_format=3)
+    zarr.open_group(store, path=group, mode="r+").attrs[COMPLETE_ATTR] = True
+
+
+def group_exists(store: str | os.PathLike, group: str) -> bool:
+    """True when ``group`` exists and was completely written."""
+    group = _check_group_name(group)
+    try:
+        g = zarr.open_group(str(store), path=group, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+    return bool(g.attrs.get(COMPLETE_ATTR, False))
+
+
+def read_group(store: str | os.PathLike, group: str, *, load: bool = True) -> xr.Dataset:
+    """Open a complete group as a Dataset (loaded into memory unless ``load=False``)."""
+    if not group_exists(store, group):
+        raise StoreError(f"{store}: group {group!r} is missing or incomplete")
+    ds = xr.open_zarr(str(store), group=_check_group_name(group), consolidated=False)
+    return ds.load() if load else ds
+
+
+def list_groups(store: str | os.PathLike, prefix: str) -> list[str]:
+    """Names of the complete child groups of ``prefix`` (e.g. nights under 'index')."""
+    prefix = _check_group_name(prefix)
+    try:
+        parent = zarr.open_group(str(store), path=prefix, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return []
+    return sorted(name for name, child in parent.groups() if child.attrs.get(COMPLETE_ATTR, False))

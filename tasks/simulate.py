@@ -1,0 +1,85 @@
+"""Simulate a survey to disk: raw FITS, reference catalog, truth store."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim.badfiles import write_bad_files
+from sim.config import make_config
+from sim.survey import Survey, write_raw
+from tasks.io.truth import write_truth
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    out: Path
+    raw: Path
+    refcat: Path
+    truth: Path
+    n_files: int
+    n_refcat: int
+    nights: tuple[str, ...]
+    bad_files: dict[str, Path]
+    wall_s: float
+
+
+def simulate_survey(
+    out: str | os.PathLike,
+    *,
+    preset: str = "tiny",
+    nights: int | None = None,
+    seed: int = 0,
+    domain: str = "A",
+    jobs: int = 1,
+    bad_files: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SimulationResult:
+    """Write ``out/raw/...`` (FITS), ``out/refcat.fits`` and ``out/truth.zarr``.
+
+    Parameters
+    ----------
+    out : path
+        Output directory (created).
+    preset, nights, seed, domain
+        See :func:`sim.config.make_config`.
+    jobs : int
+        Processes rendering exposures in parallel; the bytes do not depend on it.
+    bad_files : bool
+        Also write one damaged file of each kind under ``raw/damaged/``.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    t0 = time.perf_counter()
+    config = make_config(preset, seed=seed, nights=nights, domain=domain)
+    survey = Survey(config)
+    out = Path(out)
+    raw = out / "raw"
+    cosmics = write_raw(survey, raw, jobs=jobs, progress=progress)
+    refcat = out / "refcat.fits"
+    n_ref = survey.write_refcat(refcat)
+    paths = {e.expid: str(survey.raw_relpath(e)) for e in survey.exposures}
+    truth = out / "truth.zarr"
+    write_truth(truth, survey, cosmics, raw_paths=paths)
+    damaged: dict[str, Path] = {}
+    if bad_files:
+        first = {
+            t: next(e for e in survey.exposures if e.imagetyp == t) for t in ("SCIENCE", "BIAS")
+        }
+        damaged = write_bad_files(
+            raw, raw / paths[first["SCIENCE"].expid], raw / paths[first["BIAS"].expid]
+        )
+    return SimulationResult(
+        out=out,
+        raw=raw,
+        refcat=refcat,
+        truth=truth,
+        n_files=len(survey.exposures),
+        n_refcat=n_ref,
+        nights=tuple(sorted({e.night for e in survey.exposures})),
+        bad_files=damaged,
+        wall_s=time.perf_counter() - t0,
+    )
