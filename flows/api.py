@@ -20,24 +20,36 @@ def prefect_api() -> Iterator[str | None]:
     """Yield the API URL in use; start (and later stop) an embedded server if none."""
     configured = PREFECT_API_URL.value()
     if configured:
-        yield configured
+        # Settings given in code (a test harness, a profile) reach Dask worker
+        # processes only through the environment they inherit.
+        with _exported("PREFECT_API_URL", configured):
+            yield configured
         return
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     server.start()
-    previous = os.environ.get("PREFECT_API_URL")
-    # Worker processes inherit the environment; this process needs the setting.
-    os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with (
+            _exported("PREFECT_API_URL", server.api_url),
+            temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+        ):
             yield server.api_url
+            # Logs still queued for the API must go before the server does, or
+            # the process waits on connection retries at exit.
+            APILogHandler().flush()
     finally:
-        # Logs still queued for the API must go before the server does, or the
-        # process waits on connection retries at exit.
-        APILogHandler().flush()
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
         server.stop()
+
+
+@contextmanager
+def _exported(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

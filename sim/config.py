@@ -84,7 +84,7 @@ class InstrumentConfig:
     """Per-quadrant, per-band QE level scatter (fractional)."""
     prnu: float = 0.01
     """Pixel-to-pixel QE scatter (fractional rms)."""
-    starflat_amplitude_mag: float = 0.012
+    starflat_amplitude_mag: float = 0.010
     """Scale of the illumination pattern the dome flat misses (per-band scaled)."""
 
 
@@ -104,7 +104,7 @@ INSTRUMENTS: dict[str, InstrumentConfig] = {
         colour_term={"g": 0.10, "r": 0.02, "i": -0.05},
         quadrant_throughput_spread=0.05,
         prnu=0.015,
-        starflat_amplitude_mag=0.018,
+        starflat_amplitude_mag=0.011,
     ),
 }
 

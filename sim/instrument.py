@@ -25,7 +25,7 @@ from sim.config import SurveyConfig
 HOT = np.uint8(1)
 DEAD = np.uint8(2)
 
-_STARFLAT_BAND_SCALE = {"g": 1.3, "r": 1.0, "i": 0.8}
+_STARFLAT_BAND_SCALE = {"g": 1.2, "r": 1.0, "i": 0.85}
 _BIAS_DRIFT_ADU_PER_NIGHT = 0.02
 
 
@@ -201,13 +201,13 @@ class Instrument:
     def _starflat_raw(self, quadrant: int, band: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         amp = self.inst.starflat_amplitude_mag * _STARFLAT_BAND_SCALE[band]
         rng = rng_for(self.seed, "starflat", band)
-        c_lin_x, c_lin_y, c_xy = rng.normal(0.0, 0.6, size=3)
+        c_lin_x, c_lin_y, c_xy = rng.uniform(-0.5, 0.5, size=3)
         R = self.camera.corner_radius_px
         xn, yn = u / R, v / R
-        glob = amp * (1.5 * (xn * xn + yn * yn) + c_lin_x * xn + c_lin_y * yn + c_xy * xn * yn)
+        glob = amp * ((xn * xn + yn * yn) + c_lin_x * xn + c_lin_y * yn + c_xy * xn * yn)
         g = self.camera.by_id[quadrant]
         q_off, q_gx, q_gy = rng_for(self.seed, "starflat-q", band, quadrant).normal(
-            0.0, 0.25 * amp, size=3
+            0.0, 0.2 * amp, size=3
         )
         lx = (u + self.camera.axis_x - g.x0) / g.nx - 0.5
         ly = (v + self.camera.axis_y - g.y0) / g.ny - 0.5

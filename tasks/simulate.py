@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sim.badfiles import write_bad_files
-from sim.config import make_config
+from sim.config import SurveyConfig, make_config
 from sim.survey import Survey, write_raw
 from tasks.io.truth import write_truth
 
@@ -29,6 +29,7 @@ class SimulationResult:
 
 def simulate_survey(
     out: str | os.PathLike,
+    config: SurveyConfig | None = None,
     *,
     preset: str = "tiny",
     nights: int | None = None,
@@ -44,8 +45,11 @@ def simulate_survey(
     ----------
     out : path
         Output directory (created).
+    config : SurveyConfig, optional
+        The survey; when given, ``preset``, ``nights``, ``seed`` and ``domain``
+        must be left at their defaults.
     preset, nights, seed, domain
-        See :func:`sim.config.make_config`.
+        Build the survey from a preset instead (:func:`sim.config.make_config`).
     jobs : int
         Processes rendering exposures in parallel; the bytes do not depend on it.
     bad_files : bool
@@ -54,7 +58,10 @@ def simulate_survey(
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
-    config = make_config(preset, seed=seed, nights=nights, domain=domain)
+    if config is None:
+        config = make_config(preset, seed=seed, nights=nights, domain=domain)
+    elif (preset, nights, seed, domain) != ("tiny", None, 0, "A"):
+        raise ValueError("give either config or preset/nights/seed/domain, not both")
     survey = Survey(config)
     out = Path(out)
     raw = out / "raw"

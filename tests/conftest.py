@@ -1,0 +1,28 @@
+"""Shared fixtures. Prefect runs against a throw-away home and a patient
+ephemeral server; Dask stays quiet."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="photocal-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+from tasks.simulate import SimulationResult, simulate_survey  # noqa: E402
+
+TINY_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_survey(tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
+    """The tiny preset (2 nights, 8 quadrants of 128 px) plus one damaged file of
+    each kind under raw/damaged/. Read-only for tests: copy before modifying."""
+    out = tmp_path_factory.mktemp("tiny")
+    return simulate_survey(out, preset="tiny", seed=TINY_SEED, bad_files=True)
