@@ -28,5 +28,7 @@ def observing_night(mjd: float, longitude_deg: float = PALOMAR_LONGITUDE_DEG) ->
         raise ValueError(f"mjd must be finite, got {mjd}")
     if not -180.0 <= longitude_deg <= 360.0:
         raise ValueError(f"longitude_deg must be in [-180, 360], got {longitude_deg}")
-    local_noon_based = mjd + longitude_deg / 360.0 - 0.5
+    # 210 E and -150 are the same site and must give the same night.
+    wrapped = (longitude_deg + 180.0) % 360.0 - 180.0
+    local_noon_based = mjd + wrapped / 360.0 - 0.5
     return (MJD_EPOCH + dt.timedelta(days=math.floor(local_noon_based))).isoformat()

@@ -25,6 +25,14 @@ import xarray as xr
 import zarr
 
 COMPLETE_ATTR = "photocal_complete"
+# What zarr raises when a path holds no group: nothing there, or an array.
+_NOT_A_GROUP = (
+    FileNotFoundError,
+    KeyError,
+    zarr.errors.GroupNotFoundError,
+    zarr.errors.ContainsArrayError,
+    zarr.errors.NodeTypeValidationError,
+)
 
 
 class StoreError(RuntimeError):
@@ -133,7 +141,13 @@ def write_group(
         target = root / group
         if target.exists():
             target.rename(trash)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Put the previous version back: a failed rewrite must not lose it.
+            if trash.exists():
+                trash.rename(target)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(trash, ignore_errors=True)
@@ -154,7 +168,7 @@ def group_exists(store: str | os.PathLike, group: str) -> bool:
     group = _check_group_name(group)
     try:
         g = zarr.open_group(str(store), path=group, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+    except _NOT_A_GROUP:
         return False
     return bool(g.attrs.get(COMPLETE_ATTR, False))
 
@@ -172,6 +186,6 @@ def list_groups(store: str | os.PathLike, prefix: str) -> list[str]:
     prefix = _check_group_name(prefix)
     try:
         parent = zarr.open_group(str(store), path=prefix, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+    except _NOT_A_GROUP:
         return []
     return sorted(name for name, child in parent.groups() if child.attrs.get(COMPLETE_ATTR, False))

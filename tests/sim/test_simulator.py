@@ -50,15 +50,31 @@ def _good_files(tiny_survey) -> list[Path]:
 
 
 PRIMARY = {
-    "IMAGETYP": str, "EXPID": int, "MJD-OBS": float, "DATE-OBS": str, "EXPTIME": float,
+    "IMAGETYP": str,
+    "EXPID": int,
+    "MJD-OBS": float,
+    "DATE-OBS": str,
+    "EXPTIME": float,
 }
 SCIENCE = {
-    "FILTER": str, "AIRMASS": float, "TELRA": float, "TELDEC": float,
-    "OUTTEMP": float, "OUTRHUM": float, "WINDSPD": float,
+    "FILTER": str,
+    "AIRMASS": float,
+    "TELRA": float,
+    "TELDEC": float,
+    "OUTTEMP": float,
+    "OUTRHUM": float,
+    "WINDSPD": float,
 }
 QUADRANT = {
-    "EXTNAME": str, "CCD_ID": int, "QID": int, "GAIN": float, "RDNOISE": float,
-    "SATURATE": float, "DATASEC": str, "BIASSEC": str, "DETSEC": str,
+    "EXTNAME": str,
+    "CCD_ID": int,
+    "QID": int,
+    "GAIN": float,
+    "RDNOISE": float,
+    "SATURATE": float,
+    "DATASEC": str,
+    "BIASSEC": str,
+    "DETSEC": str,
 }
 
 
@@ -80,7 +96,8 @@ def test_every_file_has_every_brief_keyword_typed(tiny_survey):
             for hdu in hdul[1:]:
                 for key, typ in QUADRANT.items():
                     assert isinstance(hdu.header[key], typ), (path.name, hdu.name, key)
-                assert hdu.header["BITPIX"] == 16 and hdu.header["BZERO"] == 32768
+                assert hdu.header["BITPIX"] == 16
+                assert hdu.header["BZERO"] == 32768
                 assert hdu.data.dtype == np.uint16
                 if hdr["IMAGETYP"] == "SCIENCE":
                     assert hdu.header["CTYPE1"] == "RA---TAN-SIP"
@@ -97,7 +114,8 @@ def test_reader_splits_data_and_overscan_on_the_readout_side(tiny_survey):
         # Overscan holds the bias level only; the data section holds sky on top.
         assert 900 < np.median(fr.overscan) < 1150
         assert np.median(fr.data) > np.median(fr.overscan) + 50
-        assert fr.data.shape == (128, 128) and fr.overscan.shape == (128, 8)
+        assert fr.data.shape == (128, 128)
+        assert fr.overscan.shape == (128, 8)
 
 
 def test_pixel_area_truth_is_the_jacobian_of_the_header_wcs(tiny_survey):
@@ -159,7 +177,9 @@ def test_flats_carry_qe_vignetting_dust_and_led_colour():
     assert dusty, "no dust donut anywhere on the small focal plane"
     # The LED colour terms average out: the mean LED flat is the band flat.
     coeffs = inst.led_coefficients("g")
-    assert len(coeffs) == 3 and abs(coeffs.mean()) < 1e-12 and np.ptp(coeffs) > 1
+    assert len(coeffs) == 3
+    assert abs(coeffs.mean()) < 1e-12
+    assert np.ptp(coeffs) > 1
 
 
 def test_telemetry_moves_zero_point_non_linearly_by_tens_of_mmag():
@@ -181,15 +201,23 @@ def test_truth_zero_points_follow_airmass_clouds_and_telemetry(tiny_survey):
     cam = xr.open_zarr(tiny_survey.truth, group="camera", consolidated=False)
     norm = cam.attrs["flat_norm"]["r"]
     expected = (
-        make_config("tiny").instrument.zp_e_per_s["r"] + 2.5 * np.log10(norm)
-        - ex.extinction_mag - zp.cloud_mag - ex.telemetry_mag
+        make_config("tiny").instrument.zp_e_per_s["r"]
+        + 2.5 * np.log10(norm)
+        - ex.extinction_mag
+        - zp.cloud_mag
+        - ex.telemetry_mag
     )
     np.testing.assert_allclose(zp.zp, expected.transpose(*zp.zp.dims), atol=1e-12)
     nights = ex.night.values
-    clear, cloudy = zp.cloud_mag.values[nights == nights[0]], zp.cloud_mag.values[nights != nights[0]]
-    assert np.all(clear == 0.0) and cloudy.mean() > 0.03
+    clear, cloudy = (
+        zp.cloud_mag.values[nights == nights[0]],
+        zp.cloud_mag.values[nights != nights[0]],
+    )
+    assert np.all(clear == 0.0)
+    assert cloudy.mean() > 0.03
     # Grey clouds vary in time on the cloudy night, and across the focal plane.
-    assert np.ptp(cloudy.mean(axis=1)) > 0.01 and np.ptp(cloudy, axis=1).max() > 0.002
+    assert np.ptp(cloudy.mean(axis=1)) > 0.01
+    assert np.ptp(cloudy, axis=1).max() > 0.002
 
 
 def test_dithers_put_stars_on_several_quadrants(tiny_survey):
@@ -204,18 +232,21 @@ def test_refcat_is_a_noisy_colour_transformed_view_of_the_truth(tiny_survey):
     ref = read_refcat(tiny_survey.refcat)
     stars = xr.open_zarr(tiny_survey.truth, group="stars", consolidated=False).load()
     stars = stars.swap_dims({"source": "source_id"}).sel(source_id=ref.source_id)
-    assert np.all(stars.in_refcat) and len(ref) > 300
+    assert np.all(stars.in_refcat)
+    assert len(ref) > 300
     colour_term = make_config("tiny").instrument.colour_term["r"]
     expected = stars.mag_r - colour_term * (stars.bp_rp - 1.0)
     pull = (ref.r_mag - expected.values) / ref.r_magerr
-    assert abs(np.mean(pull)) < 0.2 and 0.85 < np.std(pull) < 1.15
+    assert abs(np.mean(pull)) < 0.2
+    assert 0.85 < np.std(pull) < 1.15
     assert 0.01 < float(np.mean(stars.var_amp_mag > 0)) < 0.06
     assert all(b in BANDS for b in ("g", "r", "i"))
 
 
 def test_domain_b_is_a_different_instrument():
     a, b = make_config("tiny", domain="A"), make_config("tiny", domain="B")
-    assert a.instrument.domain == 0 and b.instrument.domain == 1
+    assert a.instrument.domain == 0
+    assert b.instrument.domain == 1
     assert b.instrument.gain_e_per_adu < 0.5 * a.instrument.gain_e_per_adu
     assert b.instrument.psf != a.instrument.psf
     hdus, _ = Survey(b).render(next(e for e in Survey(b).exposures if e.imagetyp == "SCIENCE"))

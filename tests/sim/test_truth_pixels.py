@@ -60,8 +60,12 @@ def _photometry(tiny_survey):
         frames = read_quadrants(tiny_survey.raw / str(e.path.values))
         for fr in frames:
             q = fr.header.quadrant
-            img, var = _fluence(fr, bias.sel(quadrant=q).values, flat.sel(quadrant=q).values,
-                                area.sel(quadrant=q).values)
+            img, var = _fluence(
+                fr,
+                bias.sel(quadrant=q).values,
+                flat.sel(quadrant=q).values,
+                area.sel(quadrant=q).values,
+            )
             here = obs[(obs.expid == expid) & (obs.quadrant == q)]
             hits = cosmics[(cosmics.expid == expid) & (cosmics.quadrant == q)]
             bad = defects.sel(quadrant=q).values != 0
