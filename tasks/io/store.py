@@ -189,3 +189,92 @@ def list_groups(store: str | os.PathLike, prefix: str) -> list[str]:
     except _NOT_A_GROUP:
         return []
     return sorted(name for name, child in parent.groups() if child.attrs.get(COMPLETE_ATTR, False))
+
+
+# -- groups built piecewise by parallel tasks -------------------------------------
+
+
+def begin_group(store: str | os.PathLike, group: str, template: xr.Dataset) -> str:
+    """Start building ``group`` from parallel pieces; returns the staging location.
+
+    ``template`` fixes variables, shapes, dtypes and chunks (use lazy dask arrays:
+    nothing but metadata is written). Tasks then call :func:`write_region` on
+    disjoint regions aligned with the chunks, and one call of :func:`commit_group`
+    publishes the result atomically. On a local store the staging location is a
+    private directory beside the store; on an object store it is the group itself,
+    invisible to readers until committed.
+    """
+    group = _check_group_name(group)
+    template = _prepare(template)
+    if _is_local(store):
+        root = _local_path(store)
+        root.mkdir(parents=True, exist_ok=True)
+        staging_root = root.parent / f".{root.name}.staging"
+        staging_root.mkdir(exist_ok=True)
+        staging = str(staging_root / uuid.uuid4().hex)
+        template.to_zarr(staging, mode="w", consolidated=False, zarr_format=3, compute=False)
+        return staging
+    root_group = zarr.open_group(str(store), mode="a", zarr_format=3)
+    if group in root_group:
+        root_group[group].attrs[COMPLETE_ATTR] = False
+    _ensure_parents(str(store), group)
+    template.to_zarr(
+        str(store), group=group, mode="w", consolidated=False, zarr_format=3, compute=False
+    )
+    return f"{store}#{group}"
+
+
+def _split_staging(staging: str) -> tuple[str, str | None]:
+    if "#" in staging:
+        store, group = staging.rsplit("#", 1)
+        return store, group
+    return staging, None
+
+
+def write_region(staging: str, ds: xr.Dataset, region: Mapping[str, slice]) -> None:
+    """Write ``ds`` into ``region`` of a group started with :func:`begin_group`."""
+    store, group = _split_staging(staging)
+    _prepare(ds).drop_attrs().to_zarr(
+        store, group=group, region=dict(region), consolidated=False, zarr_format=3
+    )
+
+
+def open_staging(staging: str) -> xr.Dataset:
+    """The group being built, lazily (to read pieces back before committing)."""
+    store, group = _split_staging(staging)
+    return xr.open_zarr(store, group=group, consolidated=False)
+
+
+def commit_group(
+    store: str | os.PathLike, group: str, staging: str, *, attrs: Mapping[str, Any] | None = None
+) -> None:
+    """Publish a group built with :func:`begin_group`, replacing any previous version."""
+    group = _check_group_name(group)
+    stage_store, stage_group = _split_staging(staging)
+    meta = {**_json_safe(dict(attrs or {})), "photocal_version": photocal_version()}
+    node = zarr.open_group(stage_store, path=stage_group or "", mode="r+")
+    node.attrs.update(meta)
+    node.attrs[COMPLETE_ATTR] = True
+    if stage_group is not None:
+        return
+    root = _local_path(store)
+    _ensure_parents(root, group)
+    target = root / group
+    trash = Path(staging).parent / f"old-{uuid.uuid4().hex}"
+    if target.exists():
+        target.rename(trash)
+    try:
+        Path(staging).rename(target)
+    except OSError:
+        if trash.exists():
+            trash.rename(target)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def abandon_group(staging: str) -> None:
+    """Drop a local staging directory (a failed build); object stores keep the
+    unmarked group, which readers ignore and the next build overwrites."""
+    _, group = _split_staging(staging)
+    if group is None:
+        shutil.rmtree(staging, ignore_errors=True)
