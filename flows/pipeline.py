@@ -13,8 +13,20 @@ from tasks.index import (
     validate_files_task,
     write_index_task,
 )
+from tasks.masters import (
+    MastersConfig,
+    begin_master_task,
+    build_bias_task,
+    build_flat_task,
+    commit_bias_task,
+    commit_flat_task,
+    flat_levels_task,
+    plan_masters_task,
+    quadrant_chunks,
+    reference_period,
+)
 
-STAGES = ("index",)
+STAGES = ("index", "masters")
 """Stages in execution order (later issues add masters, reduce, photometry, ...)."""
 
 
@@ -25,6 +37,7 @@ def photocal_run(
     nights: list[str] | None = None,
     stages: list[str] | None = None,
     index: IndexConfig | None = None,
+    masters: MastersConfig | None = None,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
 
@@ -36,7 +49,8 @@ def photocal_run(
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGES)}")
     index = index or IndexConfig()
-    summary: dict[str, Any] = {"store": store, "nights": {}, "rejected": []}
+    masters = masters or MastersConfig()
+    summary: dict[str, Any] = {"store": store, "nights": {}, "rejected": [], "masters": {}}
     if "index" in stages:
         if raw is None:
             raise ValueError("the index stage needs the raw root (--raw)")
@@ -57,4 +71,44 @@ def photocal_run(
             for r in rows
             if r["status"] == "rejected"
         ]
+    if "masters" in stages:
+        summary["masters"] = _masters_stage(store, nights, masters)
     return summary
+
+
+def _masters_stage(store: str, nights: list[str] | None, config: MastersConfig) -> dict[str, Any]:
+    """Master bias, then master flats (which use it), period by period."""
+    out: dict[str, Any] = {}
+    plans = plan_masters_task(store, nights, config)
+    reference = reference_period(store, plans, config)
+    for plan in plans:
+        chunks = quadrant_chunks(plan, config)
+        group = f"masters/bias/{plan.period}"
+        ref = None if reference == plan.period else reference
+        staging = begin_master_task(store, group, plan, None)
+        stats = build_bias_task.map(
+            unmapped(store),
+            unmapped(plan),
+            chunks,
+            unmapped(staging),
+            unmapped(ref),
+            unmapped(config),
+        )
+        out[group] = commit_bias_task(store, plan, staging, stats, ref, config)
+        for band in plan.flats:
+            group = f"masters/flat/{band}/{plan.period}"
+            levels = flat_levels_task.map(
+                unmapped(store), unmapped(plan), unmapped(band), chunks, unmapped(config)
+            )
+            staging = begin_master_task(store, group, plan, band)
+            sums = build_flat_task.map(
+                unmapped(store),
+                unmapped(plan),
+                unmapped(band),
+                chunks,
+                unmapped(staging),
+                unmapped(levels),
+                unmapped(config),
+            )
+            out[group] = commit_flat_task(store, plan, band, staging, sums, config)
+    return out

@@ -86,6 +86,10 @@ class InstrumentConfig:
     """Pixel-to-pixel QE scatter (fractional rms)."""
     starflat_amplitude_mag: float = 0.010
     """Scale of the illumination pattern the dome flat misses (per-band scaled)."""
+    bias_jump_adu: float = 0.0
+    """A step in the bias structure (after overscan) from night ``bias_jump_night``
+    on, as after an electronics intervention; the stability monitor must see it."""
+    bias_jump_night: int = 1
 
 
 INSTRUMENTS: dict[str, InstrumentConfig] = {

@@ -109,7 +109,8 @@ class Instrument:
         y = np.linspace(-1.0, 1.0, g.ny)[:, None]
         shape = gx * x + gy * y
         drift = _BIAS_DRIFT_ADU_PER_NIGHT * night_index * np.sign(drift_dir)
-        return columns + (1.0 + drift) * shape + self.hot_offsets_adu(quadrant)
+        jump = self.inst.bias_jump_adu if night_index >= self.inst.bias_jump_night else 0.0
+        return columns + (1.0 + drift) * shape + jump + self.hot_offsets_adu(quadrant)
 
     # -- response ------------------------------------------------------------
     def qe_level(self, quadrant: int, band: str) -> float:

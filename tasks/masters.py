@@ -1,0 +1,667 @@
+"""Masters stage: master bias per period and quadrant, master flat per band and
+period, defect masks and stability metrics (docs/masters.md).
+
+Work is split over quadrant chunks (one Prefect task per chunk, on Dask); each
+task writes its quadrants into a staging group and returns small numbers; one
+commit task per group normalises (flats), plots, and publishes atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from prefect import get_run_logger, task
+from pydantic import BaseModel, Field
+
+from calib.masters import (
+    MasterFrame,
+    combine_frames,
+    compare_bias,
+    find_dead_pixels,
+    find_hot_pixels,
+    flat_ratio_stats,
+    flat_residual_sigma,
+)
+from calib.overscan import subtract_overscan
+from tasks.index import UNKNOWN_NIGHT
+from tasks.io.raw import read_quadrants, validate_file
+from tasks.io.store import (
+    begin_group,
+    commit_group,
+    group_exists,
+    list_groups,
+    open_staging,
+    read_group,
+    write_region,
+)
+from tasks.qa import plot_histograms, plot_quadrant_maps, qa_dir
+
+HOT, DEAD = np.uint8(1), np.uint8(2)
+
+
+class MastersConfig(BaseModel):
+    """Configuration of the masters stage."""
+
+    period_days: int = Field(
+        20, ge=1, le=366, description="Length of a calibration period in nights."
+    )
+    period_epoch: str = Field(
+        "2019-01-01",
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="First night of period 0; periods are aligned to it, so a night "
+        "always falls in the same period whatever else is processed.",
+    )
+    mode: Literal["ccdproc", "iterative", "median"] = Field(
+        "ccdproc", description="Combination of the frame stack (calib.masters.combine_frames)."
+    )
+    low_sigma: float = Field(3.0, gt=0, description="Lower clipping threshold, in sigma.")
+    high_sigma: float = Field(3.0, gt=0, description="Upper clipping threshold, in sigma.")
+    iterations: int = Field(3, ge=1, le=20, description="Clipping passes of the 'iterative' mode.")
+    overscan: Literal["mean", "median", "median_per_row"] = Field(
+        "median", description="How the overscan level is taken (calib.overscan); per-row "
+        "levels only pay when row noise exceeds 1.25 rn / sqrt(overscan columns) (docs/masters.md)."
+    )
+    max_frames: int = Field(
+        100,
+        ge=1,
+        description="Most frames combined per master (per LED for flats); "
+        "evenly spaced in time when there are more, to bound memory per quadrant.",
+    )
+    hot_nsigma: float = Field(
+        8.0, gt=0, description="Hot pixel: bias above the median by this many robust sigma..."
+    )
+    hot_min_adu: float = Field(15.0, ge=0, description="...and by at least this many ADU.")
+    dead_min_response: float = Field(
+        0.7, gt=0, lt=1, description="Dead/low pixel: flat below this fraction of its local level."
+    )
+    reference_period: str | None = Field(
+        None,
+        description="Bias period the others are compared with; default: the earliest "
+        "period with a master bias in the store.",
+    )
+    max_mean_shift_adu: float = Field(
+        0.5, gt=0, description="Bias stability: mean delta flagged beyond this."
+    )
+    max_outlier_fraction: float = Field(
+        0.006,
+        gt=0,
+        description="Bias stability: outlier fraction flagged beyond this (seed 004: 0.6 %).",
+    )
+    quadrants_per_task: int = Field(
+        4, ge=1, le=64, description="Quadrants handled by one Prefect task."
+    )
+
+
+def period_label(night: str, config: MastersConfig) -> str:
+    """First night (YYYY-MM-DD) of the period that contains ``night``."""
+    epoch = dt.date.fromisoformat(config.period_epoch)
+    day = dt.date.fromisoformat(night)
+    index = (day - epoch).days // config.period_days
+    return (epoch + dt.timedelta(days=index * config.period_days)).isoformat()
+
+
+@dataclass(frozen=True)
+class PeriodPlan:
+    """The calibration frames of one period, as found in the night indexes."""
+
+    period: str
+    bias: tuple[str, ...]
+    """Absolute paths of the bias frames."""
+    flats: dict[str, dict[int, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
+    """band -> LED id -> ((absolute path, night), ...)."""
+    quadrants: tuple[int, ...] = ()
+    extnames: tuple[str, ...] = ()
+    shape: tuple[int, int] = (0, 0)
+
+    @property
+    def nights(self) -> tuple[str, ...]:
+        return tuple(
+            sorted({n for leds in self.flats.values() for fs in leds.values() for _, n in fs})
+        )
+
+
+def _subsample(items: list, limit: int) -> list:
+    if len(items) <= limit:
+        return items
+    keep = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))
+    return [items[i] for i in keep]
+
+
+def plan_periods(store: str, nights: list[str] | None, config: MastersConfig) -> list[PeriodPlan]:
+    """Periods touched by ``nights`` (default: every indexed night), with all their
+    indexed calibration frames, in time order."""
+    indexed = [n for n in list_groups(store, "index") if n != UNKNOWN_NIGHT]
+    wanted = {period_label(n, config) for n in (nights if nights is not None else indexed)}
+    bias: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    flats: dict[str, dict[str, dict[int, list[tuple[float, str, str]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for night in indexed:
+        period = period_label(night, config)
+        if period not in wanted:
+            continue
+        idx = read_group(store, f"index/{night}")
+        root = idx.attrs["raw_root"]
+        t = idx.to_dataframe()
+        t = t[t.status == "ok"]
+        for row in t.itertuples():
+            path = os.path.join(root, row.path)
+            if row.imagetyp == "BIAS":
+                bias[period].append((row.mjd, path))
+            elif row.imagetyp == "FLAT":
+                flats[period][row.filter][int(row.led_id)].append((row.mjd, path, night))
+    plans = []
+    for period in sorted(wanted):
+        b = [p for _, p in sorted(bias.get(period, []))]
+        if not b:
+            continue
+        f = {
+            band: {
+                led: tuple((p, n) for _, p, n in _subsample(sorted(rows), config.max_frames))
+                for led, rows in sorted(leds.items())
+            }
+            for band, leds in sorted(flats.get(period, {}).items())
+        }
+        first = validate_file(b[0])
+        q = first.quadrants
+        ys, xs = q[0].datasec
+        plans.append(
+            PeriodPlan(
+                period=period,
+                bias=tuple(_subsample(b, config.max_frames)),
+                flats=f,
+                quadrants=tuple(h.quadrant for h in q),
+                extnames=tuple(h.extname for h in q),
+                shape=(ys.stop - ys.start, xs.stop - xs.start),
+            )
+        )
+    return plans
+
+
+def _chunks(plan: PeriodPlan, config: MastersConfig) -> list[tuple[int, ...]]:
+    q, k = plan.quadrants, config.quadrants_per_task
+    return [q[i : i + k] for i in range(0, len(q), k)]
+
+
+def _reduced_stack(
+    paths: list[str], quadrant: int, config: MastersConfig
+) -> tuple[np.ndarray, list]:
+    frames = [read_quadrants(p, quadrants=[quadrant])[0] for p in paths]
+    stack = np.stack(
+        [subtract_overscan(f.data, f.overscan, method=config.overscan) for f in frames]
+    )
+    return stack, frames
+
+
+def _combine(stack: np.ndarray, config: MastersConfig) -> MasterFrame:
+    return combine_frames(
+        stack,
+        mode=config.mode,
+        low_sigma=config.low_sigma,
+        high_sigma=config.high_sigma,
+        iterations=config.iterations,
+    )
+
+
+def _lazy(shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill: float = 0) -> da.Array:
+    return da.full(shape, fill, dtype=dtype, chunks=chunks)
+
+
+# -- master bias ----------------------------------------------------------------
+
+
+def bias_template(plan: PeriodPlan) -> xr.Dataset:
+    nq, (ny, nx) = len(plan.quadrants), plan.shape
+    img, per_q = (1, ny, nx), (1,)
+    dims = ("quadrant", "y", "x")
+    return xr.Dataset(
+        {
+            "bias": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "sigma": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "uncertainty": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "nframes": (dims, _lazy((nq, ny, nx), "i2", img)),
+            "defects": (dims, _lazy((nq, ny, nx), "u1", img)),
+            "delta_ref": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "mean_delta_adu": (("quadrant",), _lazy((nq,), "f8", per_q, np.nan)),
+            "rms_delta_adu": (("quadrant",), _lazy((nq,), "f8", per_q, np.nan)),
+            "outlier_fraction": (("quadrant",), _lazy((nq,), "f8", per_q, np.nan)),
+            "flagged": (("quadrant",), _lazy((nq,), "bool", per_q)),
+            "n_hot": (("quadrant",), _lazy((nq,), "i8", per_q)),
+        },
+        coords={"quadrant": np.array(plan.quadrants, dtype=np.int64)},
+    )
+
+
+def build_bias_quadrants(
+    store: str,
+    plan: PeriodPlan,
+    quadrants: tuple[int, ...],
+    staging: str,
+    reference: str | None,
+    config: MastersConfig,
+) -> dict[int, dict[str, Any]]:
+    """Combine the period's biases for some quadrants into the staging group."""
+    out = {}
+    ref = read_group(store, f"masters/bias/{reference}", load=False) if reference else None
+    for q in quadrants:
+        stack, _ = _reduced_stack(list(plan.bias), q, config)
+        m = _combine(stack, config)
+        hot = find_hot_pixels(m.center, nsigma=config.hot_nsigma, min_excess_adu=config.hot_min_adu)
+        stats: dict[str, Any] = {"n_hot": int(hot.sum()), "nframes": len(stack)}
+        delta = np.full(m.center.shape, np.nan, np.float32)
+        if ref is not None:
+            r = ref.sel(quadrant=q).load()
+            ref_frame = MasterFrame(
+                center=r.bias.values,
+                sigma=r.sigma.values,
+                uncertainty=r.uncertainty.values,
+                nframes=r.nframes.values,
+                mode=config.mode,
+            )
+            delta, stab = compare_bias(
+                m,
+                ref_frame,
+                good=~hot & (r.defects.values == 0),
+                max_mean_shift_adu=config.max_mean_shift_adu,
+                max_outlier_fraction=config.max_outlier_fraction,
+            )
+            stats.update(
+                mean_delta_adu=stab.mean_delta_adu,
+                rms_delta_adu=stab.rms_delta_adu,
+                outlier_fraction=stab.outlier_fraction,
+                flagged=stab.flagged,
+            )
+        i = plan.quadrants.index(q)
+        dims = ("quadrant", "y", "x")
+        one = lambda a: a[None]  # noqa: E731
+        piece = xr.Dataset(
+            {
+                "bias": (dims, one(m.center)),
+                "sigma": (dims, one(m.sigma)),
+                "uncertainty": (dims, one(m.uncertainty)),
+                "nframes": (dims, one(m.nframes)),
+                "defects": (dims, one(hot.astype(np.uint8) * HOT)),
+                "delta_ref": (dims, one(delta)),
+                "mean_delta_adu": (("quadrant",), [stats.get("mean_delta_adu", np.nan)]),
+                "rms_delta_adu": (("quadrant",), [stats.get("rms_delta_adu", np.nan)]),
+                "outlier_fraction": (("quadrant",), [stats.get("outlier_fraction", np.nan)]),
+                "flagged": (("quadrant",), [bool(stats.get("flagged", False))]),
+                "n_hot": (("quadrant",), [stats["n_hot"]]),
+            }
+        )
+        write_region(staging, piece, {"quadrant": slice(i, i + 1)})
+        out[q] = stats
+    return out
+
+
+def commit_bias(
+    store: str,
+    plan: PeriodPlan,
+    staging: str,
+    stats: dict[int, dict[str, Any]],
+    reference: str | None,
+    config: MastersConfig,
+) -> dict[str, Any]:
+    group = f"masters/bias/{plan.period}"
+    summary = _bias_summary(stats, reference)
+    plots = {}
+    if reference:
+        ds = open_staging(staging)
+        maps = {
+            name: ds.delta_ref.isel(quadrant=i).values[::4, ::4]
+            for i, name in enumerate(plan.extnames)
+        }
+        plots["delta_map"] = str(
+            plot_quadrant_maps(
+                maps,
+                qa_dir(store, group) / "delta_ref.png",
+                title=f"master bias {plan.period} - reference {reference}",
+                unit="ADU",
+            )
+        )
+    commit_group(
+        store,
+        group,
+        staging,
+        attrs={
+            "stage": "masters",
+            "period": plan.period,
+            "period_days": config.period_days,
+            "reference_period": reference,
+            "inputs": list(plan.bias),
+            "extnames": list(plan.extnames),
+            "config": config.model_dump(),
+            "summary": summary,
+            "plots": plots,
+            "units": "ADU, overscan-subtracted",
+        },
+    )
+    return summary
+
+
+def _bias_summary(stats: dict[int, dict[str, Any]], reference: str | None) -> dict[str, Any]:
+    s = list(stats.values())
+    summary: dict[str, Any] = {
+        "n_hot": int(sum(x["n_hot"] for x in s)),
+        "nframes": int(max(x["nframes"] for x in s)),
+        "is_reference": reference is None,
+    }
+    if reference:
+        summary.update(
+            mean_delta_adu=float(np.mean([x["mean_delta_adu"] for x in s])),
+            max_abs_mean_delta_adu=float(np.max([abs(x["mean_delta_adu"]) for x in s])),
+            mean_rms_delta_adu=float(np.mean([x["rms_delta_adu"] for x in s])),
+            max_outlier_fraction=float(np.max([x["outlier_fraction"] for x in s])),
+            flagged_quadrants=sorted(int(q) for q, x in stats.items() if x.get("flagged")),
+        )
+    return summary
+
+
+def reference_period(store: str, plans: list[PeriodPlan], config: MastersConfig) -> str | None:
+    """The bias period others are compared with (None: the first plan is the reference)."""
+    if config.reference_period is not None:
+        return config.reference_period
+    existing = list_groups(store, "masters/bias")
+    candidates = sorted(existing + [p.period for p in plans])
+    return candidates[0] if candidates else None
+
+
+# -- master flat ----------------------------------------------------------------
+
+
+def flat_levels(
+    store: str, plan: PeriodPlan, band: str, quadrants: tuple[int, ...], config: MastersConfig
+) -> dict[str, dict[int, float]]:
+    """Median electrons of every flat frame of ``band`` on some quadrants (pass 1 of
+    the focal-plane normalisation)."""
+    bias = read_group(store, f"masters/bias/{plan.period}", load=False)
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    for q in quadrants:
+        b = bias.bias.sel(quadrant=q).values
+        for frames in plan.flats[band].values():
+            for path, _ in frames:
+                fr = read_quadrants(path, quadrants=[q])[0]
+                e = (
+                    subtract_overscan(fr.data, fr.overscan, method=config.overscan) - b
+                ) * fr.header.gain
+                out[path][q] = float(np.nanmedian(e))
+    return dict(out)
+
+
+def frame_levels(parts: list[dict[str, dict[int, float]]]) -> dict[str, float]:
+    """Each flat frame's focal-plane level: the mean of its quadrant medians, so one
+    constant per exposure (the LED's brightness) and quadrant differences stay in
+    the flat."""
+    merged: dict[str, dict[int, float]] = defaultdict(dict)
+    for part in parts:
+        for path, per_q in part.items():
+            merged[path].update(per_q)
+    return {path: float(np.mean(list(per_q.values()))) for path, per_q in merged.items()}
+
+
+def flat_template(plan: PeriodPlan, band: str) -> xr.Dataset:
+    nq, (ny, nx) = len(plan.quadrants), plan.shape
+    leds = sorted(plan.flats[band])
+    nights = list(plan.nights)
+    img, dims = (1, ny, nx), ("quadrant", "y", "x")
+    per = lambda *extra: _lazy((nq, *extra), "f8", (1, *extra), np.nan)  # noqa: E731
+    return xr.Dataset(
+        {
+            "flat": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "uncertainty": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "nframes": (dims, _lazy((nq, ny, nx), "i2", img)),
+            "defects": (dims, _lazy((nq, ny, nx), "u1", img)),
+            "residual_sigma": (dims, _lazy((nq, ny, nx), "f4", img, np.nan)),
+            "ratio_median": (("quadrant", "led", "night"), per(len(leds), len(nights))),
+            "ratio_rms": (("quadrant", "led", "night"), per(len(leds), len(nights))),
+            "ratio_outlier_fraction": (("quadrant", "led", "night"), per(len(leds), len(nights))),
+            "residual_sigma_median": (("quadrant", "led"), per(len(leds))),
+            "n_dead": (("quadrant",), _lazy((nq,), "i8", (1,))),
+        },
+        coords={
+            "quadrant": np.array(plan.quadrants, dtype=np.int64),
+            "led": np.array(leds, dtype=np.int64),
+            "night": np.array(nights, dtype=object),
+        },
+    )
+
+
+def build_flat_quadrants(
+    store: str,
+    plan: PeriodPlan,
+    band: str,
+    quadrants: tuple[int, ...],
+    staging: str,
+    levels: dict[str, float],
+    config: MastersConfig,
+) -> dict[int, tuple[float, int]]:
+    """Combine per LED, then across LEDs, for some quadrants; returns per quadrant
+    the sum and count of good-pixel flat values (for the global normalisation)."""
+    bias = read_group(store, f"masters/bias/{plan.period}", load=False)
+    leds = sorted(plan.flats[band])
+    nights = list(plan.nights)
+    out = {}
+    for q in quadrants:
+        b = bias.sel(quadrant=q)
+        b_img, hot = b.bias.values, (b.defects.values & HOT) != 0
+        led_masters, resid_maps = [], []
+        ratio = np.full((3, len(leds), len(nights)), np.nan)
+        resid_median = np.full(len(leds), np.nan)
+        for j, led in enumerate(leds):
+            paths = [p for p, _ in plan.flats[band][led]]
+            stack, frames = _reduced_stack(paths, q, config)
+            gain = frames[0].header.gain
+            norm = np.stack(
+                [(s - b_img) * gain / levels[p] for s, p in zip(stack, paths, strict=True)]
+            )
+            m = _combine(norm, config)
+            led_masters.append(m)
+            sigma_i = (
+                flat_residual_sigma(norm)
+                if len(norm) > 1
+                else np.full(m.center.shape, np.nan, np.float32)
+            )
+            resid_maps.append(sigma_i)
+            resid_median[j] = float(np.nanmedian(sigma_i[~hot])) if len(norm) > 1 else np.nan
+            by_night: dict[str, list[int]] = defaultdict(list)
+            for k, (_, night) in enumerate(plan.flats[band][led]):
+                by_night[night].append(k)
+            for night, ks in by_night.items():
+                daily = norm[ks].mean(axis=0)
+                expected = m.sigma * np.sqrt(1.0 / len(ks) + 1.0 / len(norm))
+                _, st = flat_ratio_stats(
+                    daily,
+                    m.center,
+                    expected_sigma=np.where(expected > 0, expected, np.inf),
+                    good=~hot,
+                )
+                ratio[:, j, nights.index(night)] = (st.median, st.robust_rms, st.outlier_fraction)
+        center = np.nanmean([m.center for m in led_masters], axis=0)
+        unc = np.sqrt(np.nansum([m.uncertainty**2 for m in led_masters], axis=0)) / len(led_masters)
+        nfr = np.sum([m.nframes for m in led_masters], axis=0).astype(np.int16)
+        level = np.nanmedian(center[~hot])
+        dead = find_dead_pixels(center / level, min_response=config.dead_min_response)
+        defects = (hot.astype(np.uint8) * HOT) | (dead.astype(np.uint8) * DEAD)
+        good = (defects == 0) & np.isfinite(center)
+        i = plan.quadrants.index(q)
+        dims = ("quadrant", "y", "x")
+        with np.errstate(invalid="ignore"):
+            resid = (
+                np.nanmean(resid_maps, axis=0) if len(resid_maps) else np.full(center.shape, np.nan)
+            )
+        piece = xr.Dataset(
+            {
+                "flat": (dims, center[None].astype(np.float32)),
+                "uncertainty": (dims, unc[None].astype(np.float32)),
+                "nframes": (dims, nfr[None]),
+                "defects": (dims, defects[None]),
+                "residual_sigma": (dims, resid[None].astype(np.float32)),
+                "ratio_median": (("quadrant", "led", "night"), ratio[0][None]),
+                "ratio_rms": (("quadrant", "led", "night"), ratio[1][None]),
+                "ratio_outlier_fraction": (("quadrant", "led", "night"), ratio[2][None]),
+                "residual_sigma_median": (("quadrant", "led"), resid_median[None]),
+                "n_dead": (("quadrant",), [int(dead.sum())]),
+            }
+        )
+        write_region(staging, piece, {"quadrant": slice(i, i + 1)})
+        out[q] = (float(center[good].sum(dtype=np.float64)), int(good.sum()))
+    return out
+
+
+def commit_flat(
+    store: str,
+    plan: PeriodPlan,
+    band: str,
+    staging: str,
+    sums: list[dict[int, tuple[float, int]]],
+    config: MastersConfig,
+) -> dict[str, Any]:
+    """Normalise to mean 1 over the good pixels of the focal plane, plot, publish."""
+    group = f"masters/flat/{band}/{plan.period}"
+    total = sum(s for part in sums for s, _ in part.values())
+    count = sum(c for part in sums for _, c in part.values())
+    norm = total / count
+    ds = open_staging(staging)
+    for i in range(len(plan.quadrants)):
+        q = ds.isel(quadrant=slice(i, i + 1))[["flat", "uncertainty"]].load()
+        write_region(
+            staging,
+            (q / norm).astype(np.float32).drop_vars("quadrant"),
+            {"quadrant": slice(i, i + 1)},
+        )
+    ds = open_staging(staging).load()
+    qa = qa_dir(store, group)
+    hot_mask = ds.defects.values != 0
+    ratios = {f"LED {led}": ds.ratio_median.sel(led=led).values.ravel() for led in ds.led.values}
+    plots = {
+        "flat_map": str(
+            plot_quadrant_maps(
+                {
+                    n: (ds.flat.isel(quadrant=i).values[::4, ::4] - 1.0)
+                    for i, n in enumerate(plan.extnames)
+                },
+                qa / "flat.png",
+                title=f"master flat {band} {plan.period} (minus 1)",
+                unit="relative",
+            )
+        ),
+        "residual_sigma_hist": str(
+            plot_histograms(
+                {
+                    n: ds.residual_sigma.isel(quadrant=i).values[~hot_mask[i]]
+                    for i, n in enumerate(plan.extnames[:8])
+                },
+                qa / "residual_sigma.png",
+                title="per-pixel residual sigma of the flat stack",
+                xlabel="sigma_i",
+            )
+        ),
+    }
+    summary = {
+        "normalisation": norm,
+        "n_dead": int(ds.n_dead.sum()),
+        "n_defects": int(hot_mask.sum()),
+        "ratio_rms_max": float(np.nanmax(ds.ratio_rms.values))
+        if np.isfinite(ds.ratio_rms.values).any()
+        else None,
+        "ratio_outlier_fraction_max": float(np.nanmax(ds.ratio_outlier_fraction.values))
+        if np.isfinite(ds.ratio_outlier_fraction.values).any()
+        else None,
+        "led_ratio_medians": {
+            k: float(np.nanmedian(v)) for k, v in ratios.items() if np.isfinite(v).any()
+        },
+    }
+    commit_group(
+        store,
+        group,
+        staging,
+        attrs={
+            "stage": "masters",
+            "band": band,
+            "period": plan.period,
+            "bias": f"masters/bias/{plan.period}",
+            "inputs": sorted(p for fs in plan.flats[band].values() for p, _ in fs),
+            "extnames": list(plan.extnames),
+            "config": config.model_dump(),
+            "summary": summary,
+            "plots": plots,
+            "normalisation": "mean 1 over the good pixels of the whole focal plane, built in "
+            "electrons: quadrant gain and QE differences live in the flat (docs/masters.md)",
+        },
+    )
+    return summary
+
+
+# -- Prefect tasks ----------------------------------------------------------------
+
+
+@task(name="plan-masters", retries=1, retry_delay_seconds=2)
+def plan_masters_task(
+    store: str, nights: list[str] | None, config: MastersConfig
+) -> list[PeriodPlan]:
+    plans = plan_periods(store, nights, config)
+    get_run_logger().info("masters: %d period(s): %s", len(plans), [p.period for p in plans])
+    return plans
+
+
+@task(name="begin-master")
+def begin_master_task(store: str, group: str, plan: PeriodPlan, band: str | None) -> str:
+    template = bias_template(plan) if band is None else flat_template(plan, band)
+    return begin_group(store, group, template)
+
+
+@task(name="master-bias-quadrants", retries=2, retry_delay_seconds=2)
+def build_bias_task(
+    store, plan, quadrants, staging, reference, config
+) -> dict[int, dict[str, Any]]:
+    return build_bias_quadrants(store, plan, quadrants, staging, reference, config)
+
+
+@task(name="commit-master-bias")
+def commit_bias_task(store, plan, staging, stats, reference, config) -> dict[str, Any]:
+    merged = {q: s for part in stats for q, s in part.items()}
+    summary = commit_bias(store, plan, staging, merged, reference, config)
+    logger = get_run_logger()
+    logger.info("master bias %s: %s", plan.period, summary)
+    if summary.get("flagged_quadrants"):
+        logger.warning(
+            "master bias %s unstable vs %s in quadrants %s",
+            plan.period,
+            reference,
+            summary["flagged_quadrants"],
+        )
+    return summary
+
+
+@task(name="flat-levels", retries=2, retry_delay_seconds=2)
+def flat_levels_task(store, plan, band, quadrants, config) -> dict[str, dict[int, float]]:
+    return flat_levels(store, plan, band, quadrants, config)
+
+
+@task(name="master-flat-quadrants", retries=2, retry_delay_seconds=2)
+def build_flat_task(store, plan, band, quadrants, staging, level_parts, config):
+    return build_flat_quadrants(
+        store, plan, band, quadrants, staging, frame_levels(level_parts), config
+    )
+
+
+@task(name="commit-master-flat")
+def commit_flat_task(store, plan, band, staging, sums, config) -> dict[str, Any]:
+    summary = commit_flat(store, plan, band, staging, sums, config)
+    get_run_logger().info("master flat %s %s: %s", band, plan.period, summary)
+    return summary
+
+
+def quadrant_chunks(plan: PeriodPlan, config: MastersConfig) -> list[tuple[int, ...]]:
+    return _chunks(plan, config)
+
+
+def has_master(store: str, group: str) -> bool:
+    return group_exists(store, group)

@@ -1,0 +1,70 @@
+"""QA plots (PNG) written beside the store: ``<store>.qa/<group>/<name>.png``."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def qa_dir(store: str | os.PathLike, group: str) -> Path:
+    """Folder for a group's plots; object stores get a local folder of the same name."""
+    root = Path(str(store).split("://")[-1])
+    path = root.parent / f"{root.name}.qa" / group
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def plot_quadrant_maps(
+    maps: Mapping[str, np.ndarray], path: Path, *, title: str, unit: str
+) -> Path:
+    """One panel per quadrant, a shared symmetric colour scale (robust 1-99 %)."""
+    n = len(maps)
+    cols = min(8, max(1, n))
+    rows = math.ceil(n / cols)
+    values = (
+        np.concatenate([m[np.isfinite(m)].ravel() for m in maps.values()]) if n else np.zeros(1)
+    )
+    lim = float(np.nanpercentile(np.abs(values), 99)) if values.size else 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows + 0.6), squeeze=False)
+    image = None
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (label, m) in zip(axes.flat, maps.items(), strict=False):
+        image = ax.imshow(m, origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_title(label, fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=unit)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(
+    samples: Mapping[str, np.ndarray], path: Path, *, title: str, xlabel: str, bins: int = 80
+) -> Path:
+    """Overlaid histograms (log counts), one per label."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [s[np.isfinite(s)] for s in samples.values()]
+    lo = min((np.percentile(s, 0.1) for s in finite if s.size), default=0.0)
+    hi = max((np.percentile(s, 99.9) for s in finite if s.size), default=1.0)
+    for (label, _), s in zip(samples.items(), finite, strict=True):
+        if s.size:
+            ax.hist(s, bins=bins, range=(lo, hi), histtype="step", label=label, log=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("pixels")
+    ax.set_title(title)
+    if len(samples) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

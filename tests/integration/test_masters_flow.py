@@ -1,0 +1,153 @@
+"""The masters stage through the Prefect flow on a real Dask LocalCluster, scored
+against the simulator's truth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import xarray as xr
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.api import prefect_api
+from flows.pipeline import photocal_run
+from flows.runners import make_task_runner
+from sim.config import make_config
+from tasks.io.raw import read_quadrants
+from tasks.io.store import list_groups, read_group
+from tasks.masters import MastersConfig
+from tasks.simulate import simulate_survey
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """Tiny, but with enough calibration frames to measure noise floors, and a
+    2 ADU bias jump from the second night on."""
+    cfg = make_config("tiny", seed=17)
+    cfg = cfg.replace(
+        schedule=dataclasses.replace(cfg.schedule, n_bias=8, n_flat_per_led=3, n_science=1),
+        instrument=dataclasses.replace(cfg.instrument, bias_jump_adu=2.0, bias_jump_night=1),
+    )
+    return simulate_survey(tmp_path_factory.mktemp("masters"), cfg)
+
+
+def _run(store, raw, masters):
+    with prefect_api():
+        return photocal_run.with_options(task_runner=make_task_runner(workers=2))(
+            store=str(store), raw=str(raw), stages=["index", "masters"], masters=masters
+        )
+
+
+def _truth(survey, group):
+    return xr.open_zarr(survey.truth, group=group, consolidated=False).load()
+
+
+@pytest.fixture(scope="module")
+def one_period(harness, survey, tmp_path_factory):
+    """Both nights in one 20-day period."""
+    store = tmp_path_factory.mktemp("store") / "photocal.zarr"
+    summary = _run(store, survey.raw, MastersConfig())
+    return store, summary
+
+
+def test_master_bias_reaches_the_read_noise_floor(survey, one_period):
+    store, _ = one_period
+    (period,) = list_groups(store, "masters/bias")
+    master = read_group(store, f"masters/bias/{period}")
+    camera = _truth(survey, "camera")
+    nights = sorted(_truth(survey, "exposures").night.values.tolist())
+    truth = np.mean(
+        [_truth(survey, f"maps/bias/{n}").bias.values for n in sorted(set(nights))], axis=0
+    )
+    defects = _truth(survey, "maps/defects").defects.values
+    n = int(master.nframes.max())
+    assert n == 16
+    for i, q in enumerate(master.quadrant.values):
+        good = defects[i] == 0
+        resid = (master.bias.values[i] - truth[i])[good]
+        rn_adu = float(camera.read_noise_e.sel(quadrant=q) / camera.gain.sel(quadrant=q))
+        floor = rn_adu / np.sqrt(n)
+        # The bias level is removed per frame by the overscan; what is left must
+        # be read noise averaged down, nothing more (the jump is in both).
+        assert np.std(resid) == pytest.approx(floor, rel=0.10), (q, np.std(resid), floor)
+        assert abs(np.mean(resid)) < 1.5 + 3 * floor  # the jump shifts the mean of the two nights
+    assert master.attrs["summary"]["is_reference"]
+
+
+def test_master_flat_reaches_its_photon_noise_floor(survey, one_period):
+    store, _ = one_period
+    (period,) = list_groups(store, "masters/flat/r")
+    master = read_group(store, f"masters/flat/r/{period}")
+    truth = _truth(survey, "maps/flat/r").flat.values
+    defects = _truth(survey, "maps/defects").defects.values
+    ex = _truth(survey, "exposures")
+    flats = [p for p, t in zip(ex.path.values, ex.imagetyp.values, strict=True) if t == "FLAT"]
+    for i, q in enumerate(master.quadrant.values):
+        good = (defects[i] == 0) & (master.defects.values[i] == 0)
+        # Photon-noise floor per pixel: 1 / sqrt(total electrons collected).
+        total_e = 0.0
+        for path in flats:
+            fr = read_quadrants(survey.raw / str(path), quadrants=[int(q)])[0]
+            total_e = total_e + (fr.data - np.median(fr.overscan)) * fr.header.gain
+        floor = 1.0 / np.sqrt(np.clip(total_e, 1, None))
+        ratio = master.flat.values[i] / truth[i]
+        ratio = ratio / np.median(ratio[good])
+        pull = ((ratio - 1.0) / floor)[good]
+        assert np.std(pull) == pytest.approx(1.0, rel=0.10), (q, np.std(pull))
+    # Normalised to mean 1 over the good pixels of the whole focal plane.
+    all_good = master.defects.values == 0
+    assert float(master.flat.values[all_good].mean()) == pytest.approx(1.0, abs=1e-6)
+    # Quadrant QE differences stay in the flat (docs/masters.md).
+    q_means = [master.flat.values[i][all_good[i]].mean() for i in range(len(master.quadrant))]
+    t_means = [truth[i][defects[i] == 0].mean() for i in range(len(master.quadrant))]
+    np.testing.assert_allclose(q_means, t_means, rtol=5e-4)
+
+
+def test_defects_are_found(survey, one_period):
+    store, _ = one_period
+    (period,) = list_groups(store, "masters/flat/r")
+    found = read_group(store, f"masters/flat/r/{period}").defects.values
+    truth = _truth(survey, "maps/defects").defects.values
+    for bit in (1, 2):
+        real = (truth & bit) != 0
+        got = (found & bit) != 0
+        assert got[real].mean() >= 0.99, bit
+        assert (got & ~real).sum() / real.size < 1e-3, bit
+
+
+def test_stability_flags_the_bias_jump(harness, survey, tmp_path):
+    """One-night periods: the second night's bias, 2 ADU higher, is flagged
+    against the first (the reference); its delta map and plots are stored."""
+    store = tmp_path / "p1.zarr"
+    summary = _run(store, survey.raw, MastersConfig(period_days=1))
+    periods = list_groups(store, "masters/bias")
+    assert len(periods) == 2
+    ref, later = (read_group(store, f"masters/bias/{p}") for p in periods)
+    assert ref.attrs["summary"]["is_reference"]
+    s = later.attrs["summary"]
+    assert s["mean_delta_adu"] == pytest.approx(2.0, abs=0.1)
+    assert s["flagged_quadrants"] == sorted(later.quadrant.values.tolist())
+    assert later.attrs["reference_period"] == periods[0]
+    assert (
+        store.parent / f"{store.name}.qa" / "masters" / "bias" / periods[1] / "delta_ref.png"
+    ).is_file()
+    assert f"masters/bias/{periods[1]}" in summary["masters"]
+
+
+def test_masters_rerun_is_idempotent(harness, survey, one_period):
+    store, _ = one_period
+    groups = [f"masters/bias/{p}" for p in list_groups(store, "masters/bias")]
+    groups += [f"masters/flat/r/{p}" for p in list_groups(store, "masters/flat/r")]
+    before = {g: read_group(store, g) for g in groups}
+    _run(store, survey.raw, MastersConfig())
+    for g in groups:
+        xr.testing.assert_identical(before[g].drop_attrs(), read_group(store, g).drop_attrs())
