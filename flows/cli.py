@@ -170,6 +170,25 @@ def print_summary(summary: dict) -> None:
         print(f"rejected files ({len(summary['rejected'])}):")
         for path, reason in summary["rejected"]:
             print(f"  {path}: {reason}")
+    for group, s in summary.get("masters", {}).items():
+        print(f"  {group}: {_describe_master(s)}")
+
+
+def _describe_master(s: dict) -> str:
+    if "normalisation" in s:
+        return (
+            f"{s['n_defects']} defect pixels ({s['n_dead']} dead); daily/master flat ratio "
+            f"rms <= {s['ratio_rms_max']:.4f}, outliers <= {s['ratio_outlier_fraction_max']:.2%}"
+        )
+    text = f"{s['nframes']} frames, {s['n_hot']} hot pixels"
+    if s.get("is_reference"):
+        return text + ", stability reference"
+    flagged = s.get("flagged_quadrants") or []
+    state = f"UNSTABLE in quadrants {flagged}" if flagged else "stable"
+    return (
+        text + f"; vs reference: mean delta {s['mean_delta_adu']:+.3f} ADU, "
+        f"outliers <= {s['max_outlier_fraction']:.2%}, {state}"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -65,8 +65,9 @@ class MastersConfig(BaseModel):
     high_sigma: float = Field(3.0, gt=0, description="Upper clipping threshold, in sigma.")
     iterations: int = Field(3, ge=1, le=20, description="Clipping passes of the 'iterative' mode.")
     overscan: Literal["mean", "median", "median_per_row"] = Field(
-        "median", description="How the overscan level is taken (calib.overscan); per-row "
-        "levels only pay when row noise exceeds 1.25 rn / sqrt(overscan columns) (docs/masters.md)."
+        "median",
+        description="How the overscan level is taken (calib.overscan); per-row "
+        "levels only pay when row noise exceeds 1.25 rn / sqrt(overscan columns) (docs/masters.md).",
     )
     max_frames: int = Field(
         100,
@@ -475,7 +476,11 @@ def build_flat_quadrants(
                 by_night[night].append(k)
             for night, ks in by_night.items():
                 daily = norm[ks].mean(axis=0)
-                expected = m.sigma * np.sqrt(1.0 / len(ks) + 1.0 / len(norm))
+                # Photon noise from the measured electrons: a per-pixel std of a
+                # handful of frames is far too noisy to judge 5-sigma outliers by.
+                level_e = np.mean([levels[paths[k]] for k in ks])
+                frame_noise = 1.0 / np.sqrt(np.clip(level_e * m.center, 1.0, None))
+                expected = frame_noise * np.sqrt(1.0 / len(ks) + 1.0 / len(norm))
                 _, st = flat_ratio_stats(
                     daily,
                     m.center,
