@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_positive, help="workers of the local Dask cluster (default 2)"
     )
 
+    p = sub.add_parser(
+        "serve", help="local production stack: prefect server, work pool, worker, deployments"
+    )
+    p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1")
+    p.add_argument(
+        "--no-worker",
+        dest="worker",
+        action="store_false",
+        help="register deployments but start no worker",
+    )
+
     p = sub.add_parser("demo", help="simulate a small survey and run the pipeline on it")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--workdir", type=Path, default=Path("work/demo"))
@@ -145,6 +156,8 @@ def run_pipeline(
     site_longitude: float | None = None,
     dask_address: str | None = None,
     workers: int | None = None,
+    cluster: str = "local",
+    overwrite: bool = True,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
@@ -154,10 +167,10 @@ def run_pipeline(
     index = (
         IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
     )
-    runner = make_task_runner(dask_address=dask_address, workers=workers)
+    runner = make_task_runner(dask_address=dask_address, workers=workers, cluster=cluster)
     with prefect_api():
         return photocal_run.with_options(task_runner=runner)(
-            store=store, raw=raw, nights=nights, stages=stages, index=index
+            store=store, raw=raw, nights=nights, stages=stages, index=index, overwrite=overwrite
         )
 
 
@@ -192,17 +205,22 @@ def _describe_master(s: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.raw is None:
+    from flows.pipeline import STAGES
+
+    stages = args.stages or list(STAGES)
+    if "index" in stages and args.raw is None:
         print("photocal run: --raw is required for the index stage", file=sys.stderr)
         return 2
     summary = run_pipeline(
         store=args.store,
         raw=args.raw,
         nights=args.nights,
-        stages=args.stages,
+        stages=stages,
         site_longitude=args.site_longitude,
         dask_address=args.dask_address,
         workers=args.workers,
+        cluster=args.cluster,
+        overwrite=args.overwrite,
     )
     print_summary(summary)
     return 0
@@ -238,9 +256,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import local_stack
+
+    with local_stack(port=args.port, start_worker=args.worker) as stack:
+        ui = stack.api_url.removesuffix("/api")
+        print(f"Prefect server: {ui} (loopback only); work pool 'photocal'; deployments:")
+        print("  nightly/nightly (cron 15:00 UTC), backfill/backfill, masters/masters")
+        print("Data and cluster come from PHOTOCAL_* variables (see README). Ctrl-C stops.")
+        try:
+            stack.server.wait()
+        except KeyboardInterrupt:
+            print("stopping")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "run": cmd_run, "demo": cmd_demo}
+    handlers = {"simulate": cmd_simulate, "run": cmd_run, "demo": cmd_demo, "serve": cmd_serve}
     return handlers[args.command](args)
 
 

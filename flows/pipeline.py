@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prefect import flow, unmapped
 
@@ -21,13 +21,16 @@ from tasks.masters import (
     commit_bias_task,
     commit_flat_task,
     flat_levels_task,
+    has_master,
     plan_masters_task,
     quadrant_chunks,
     reference_period,
 )
+from tasks.reports import night_report_task
 
-STAGES = ("index", "masters")
-"""Stages in execution order (later issues add masters, reduce, photometry, ...)."""
+StageName = Literal["index", "masters"]
+STAGES: tuple[str, ...] = get_args(StageName)
+"""Stages in execution order (later issues add reduce, photometry, ubercal, ...)."""
 
 
 @flow(name="photocal-run", log_prints=True)
@@ -38,11 +41,14 @@ def photocal_run(
     stages: list[str] | None = None,
     index: IndexConfig | None = None,
     masters: MastersConfig | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
 
-    Returns a small summary: per night the counts by status, and the rejected
-    files with their reasons.
+    With ``overwrite=False`` groups that are already complete are kept and their
+    work skipped (how an interrupted backfill resumes). Returns a small summary:
+    per night the counts by status, the rejected files with their reasons, the
+    masters written and the groups skipped.
     """
     stages = list(STAGES) if stages is None else stages
     unknown = sorted(set(stages) - set(STAGES))
@@ -50,7 +56,13 @@ def photocal_run(
         raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGES)}")
     index = index or IndexConfig()
     masters = masters or MastersConfig()
-    summary: dict[str, Any] = {"store": store, "nights": {}, "rejected": [], "masters": {}}
+    summary: dict[str, Any] = {
+        "store": store,
+        "nights": {},
+        "rejected": [],
+        "masters": {},
+        "skipped": [],
+    }
     if "index" in stages:
         if raw is None:
             raise ValueError("the index stage needs the raw root (--raw)")
@@ -60,6 +72,10 @@ def photocal_run(
         ]
         validated = validate_files_task.map(unmapped(raw), chunks, unmapped(index))
         by_night = group_by_night_task(validated, nights)
+        if not overwrite:
+            done = [n for n in by_night if has_master(store, f"index/{n}")]
+            summary["skipped"] += [f"index/{n}" for n in done]
+            by_night = {n: rows for n, rows in by_night.items() if n not in done}
         written = write_index_task.map(
             unmapped(store), list(by_night), unmapped(raw), list(by_night.values()), unmapped(index)
         )
@@ -72,12 +88,17 @@ def photocal_run(
             if r["status"] == "rejected"
         ]
     if "masters" in stages:
-        summary["masters"] = _masters_stage(store, nights, masters)
+        summary["masters"] = _masters_stage(store, nights, masters, overwrite, summary["skipped"])
+    for night, counts in summary["nights"].items():
+        night_report_task(store, night, counts, summary)
     return summary
 
 
-def _masters_stage(store: str, nights: list[str] | None, config: MastersConfig) -> dict[str, Any]:
-    """Master bias, then master flats (which use it), period by period."""
+def _masters_stage(
+    store: str, nights: list[str] | None, config: MastersConfig, overwrite: bool, skipped: list[str]
+) -> dict[str, Any]:
+    """Master bias, then master flats (which use it), period by period; complete
+    groups are kept unless ``overwrite``."""
     out: dict[str, Any] = {}
     plans = plan_masters_task(store, nights, config)
     reference = reference_period(store, plans, config)
@@ -85,18 +106,24 @@ def _masters_stage(store: str, nights: list[str] | None, config: MastersConfig) 
         chunks = quadrant_chunks(plan, config)
         group = f"masters/bias/{plan.period}"
         ref = None if reference == plan.period else reference
-        staging = begin_master_task(store, group, plan, None)
-        stats = build_bias_task.map(
-            unmapped(store),
-            unmapped(plan),
-            chunks,
-            unmapped(staging),
-            unmapped(ref),
-            unmapped(config),
-        )
-        out[group] = commit_bias_task(store, plan, staging, stats, ref, config)
+        if overwrite or not has_master(store, group):
+            staging = begin_master_task(store, group, plan, None)
+            stats = build_bias_task.map(
+                unmapped(store),
+                unmapped(plan),
+                chunks,
+                unmapped(staging),
+                unmapped(ref),
+                unmapped(config),
+            )
+            out[group] = commit_bias_task(store, plan, staging, stats, ref, config)
+        else:
+            skipped.append(group)
         for band in plan.flats:
             group = f"masters/flat/{band}/{plan.period}"
+            if not overwrite and has_master(store, group):
+                skipped.append(group)
+                continue
             levels = flat_levels_task.map(
                 unmapped(store), unmapped(plan), unmapped(band), chunks, unmapped(config)
             )

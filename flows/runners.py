@@ -1,35 +1,71 @@
-"""Where tasks run: a local Dask cluster by default, or an existing scheduler."""
+"""Where tasks run: a Dask cluster described by a spec in infra/clusters/ (the
+local one by default), or an existing scheduler by address."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import yaml
 from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel, Field
+
+CLUSTER_DIR = Path(__file__).resolve().parent.parent / "infra" / "clusters"
+
+
+class ClusterSpec(BaseModel):
+    """A cluster description (infra/clusters/*.yaml)."""
+
+    cluster_class: str = Field(description="Import path of a dask Cluster class.")
+    cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Its keyword arguments."
+    )
+    adapt_kwargs: dict[str, Any] | None = Field(None, description="Adaptive scaling, or null.")
+
+
+def load_cluster_spec(name_or_path: str) -> ClusterSpec:
+    """A spec by name (``local``, ``slurm``, ``kubernetes``) or YAML path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CLUSTER_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml"))
+        raise ValueError(
+            f"cluster spec {name_or_path!r} not found (known: {known}, or a YAML path)"
+        )
+    with path.open() as fh:
+        data = yaml.safe_load(fh)
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValueError as err:
+        raise ValueError(f"cluster spec {path}: {err}") from None
 
 
 def make_task_runner(
-    *, dask_address: str | None = None, workers: int | None = None
+    *, dask_address: str | None = None, workers: int | None = None, cluster: str = "local"
 ) -> DaskTaskRunner:
     """A Dask task runner.
 
     Parameters
     ----------
     dask_address : str, optional
-        ``tcp://host:port`` of a running ``dask scheduler``; the cluster is used
-        as it is (its workers are scaled by the cluster operator).
+        ``tcp://host:port`` of a running ``dask scheduler``, used as it is (its
+        workers are scaled by the cluster operator).
     workers : int, optional
-        Worker processes of the local cluster started otherwise (default 2).
+        Worker count for the spec (``n_workers``), e.g. of the local cluster.
+    cluster : str
+        Spec name or path (see :func:`load_cluster_spec`).
     """
     if dask_address is not None and workers is not None:
         raise ValueError("give either dask_address or workers, not both")
     if dask_address is not None:
         return DaskTaskRunner(address=dask_address)
-    n = 2 if workers is None else workers
-    if n < 1:
-        raise ValueError(f"workers must be >= 1, got {n}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    spec = load_cluster_spec(cluster)
+    kwargs = dict(spec.cluster_kwargs)
+    if workers is not None:
+        kwargs["n_workers"] = workers
     return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": n,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": ":0",  # any free port: several runs may share a host
-        }
+        cluster_class=spec.cluster_class, cluster_kwargs=kwargs, adapt_kwargs=spec.adapt_kwargs
     )

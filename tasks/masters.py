@@ -66,8 +66,8 @@ class MastersConfig(BaseModel):
     iterations: int = Field(3, ge=1, le=20, description="Clipping passes of the 'iterative' mode.")
     overscan: Literal["mean", "median", "median_per_row"] = Field(
         "median",
-        description="How the overscan level is taken (calib.overscan); per-row "
-        "levels only pay when row noise exceeds 1.25 rn / sqrt(overscan columns) (docs/masters.md).",
+        description="How the overscan level is taken (calib.overscan); per-row levels "
+        "only pay when row noise exceeds 1.25 rn / sqrt(overscan columns) (docs/masters.md).",
     )
     max_frames: int = Field(
         100,

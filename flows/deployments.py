@@ -1,0 +1,121 @@
+"""Flows behind the deployments in infra/prefect.yaml: what the nightly schedule
+and operators in the Prefect UI start. Data locations and the cluster come from
+the environment (flows/settings.py); parameters are what an operator chooses."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, Field, model_validator
+
+from flows.pipeline import STAGES, StageName, photocal_run
+from flows.runners import make_task_runner
+from flows.settings import PhotocalSettings
+from tasks.index import IndexConfig
+from tasks.masters import MastersConfig, period_label
+
+MAX_BACKFILL_NIGHTS = 3660
+
+
+class BackfillParameters(BaseModel):
+    """A backfill request, as the UI form sends it."""
+
+    start: dt.date = Field(description="First night (YYYY-MM-DD, evening date).")
+    end: dt.date = Field(description="Last night, inclusive.")
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGES),
+        min_length=1,
+        description="Stages to run, in pipeline order.",
+    )
+    overwrite: bool = Field(False, description="Recompute groups that are already complete.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> BackfillParameters:
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) is before start ({self.start})")
+        n = (self.end - self.start).days + 1
+        if n > MAX_BACKFILL_NIGHTS:
+            raise ValueError(
+                f"{n} nights requested; split backfills into at most {MAX_BACKFILL_NIGHTS}"
+            )
+        return self
+
+    def nights(self) -> list[str]:
+        n = (self.end - self.start).days + 1
+        return [(self.start + dt.timedelta(days=i)).isoformat() for i in range(n)]
+
+
+def _run(settings: PhotocalSettings, **kwargs: Any) -> dict[str, Any]:
+    runner = make_task_runner(
+        dask_address=settings.dask_address, workers=settings.workers, cluster=settings.cluster
+    )
+    index = IndexConfig(site_longitude_deg=settings.site_longitude_deg)
+    return photocal_run.with_options(task_runner=runner)(
+        store=settings.store, raw=settings.raw, index=index, **kwargs
+    )
+
+
+def last_night(now: dt.datetime, longitude_deg: float) -> str:
+    """The night that ended most recently: the evening date before the local date
+    (the nightly schedule runs in the morning, local time)."""
+    local = now.astimezone(dt.UTC) + dt.timedelta(hours=longitude_deg / 15.0)
+    return (local.date() - dt.timedelta(days=1)).isoformat()
+
+
+@flow(name="nightly", log_prints=True, persist_result=True)
+def nightly(night: dt.date | None = None, overwrite: bool = True) -> dict[str, Any]:
+    """Calibrate one night (default: the night that just ended at the site)."""
+    settings = PhotocalSettings()
+    label = (
+        night.isoformat()
+        if night
+        else last_night(dt.datetime.now(dt.UTC), settings.site_longitude_deg)
+    )
+    get_run_logger().info("nightly: night %s, store %s", label, settings.store)
+    return _run(settings, nights=[label], overwrite=overwrite)
+
+
+@flow(name="backfill", log_prints=True, persist_result=True)
+def backfill(
+    start: dt.date,
+    end: dt.date,
+    stages: list[StageName] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Re-process a range of nights, one calibration period at a time; complete
+    groups are skipped unless ``overwrite``, so a stopped backfill resumes."""
+    params = BackfillParameters(
+        start=start, end=end, stages=list(STAGES) if stages is None else stages, overwrite=overwrite
+    )
+    settings = PhotocalSettings()
+    by_period: dict[str, list[str]] = {}
+    for night in params.nights():
+        by_period.setdefault(period_label(night, MastersConfig()), []).append(night)
+    progress = create_progress_artifact(
+        progress=0.0,
+        key="backfill-progress",
+        description=f"backfill {params.start} .. {params.end}",
+    )
+    done: dict[str, Any] = {"periods": {}, "skipped": []}
+    for k, (period, nights) in enumerate(by_period.items(), start=1):
+        result = _run(
+            settings, nights=nights, stages=list(params.stages), overwrite=params.overwrite
+        )
+        done["periods"][period] = {"nights": result["nights"], "masters": list(result["masters"])}
+        done["skipped"] += result["skipped"]
+        update_progress_artifact(artifact_id=progress, progress=100.0 * k / len(by_period))
+    return done
+
+
+@flow(name="masters", log_prints=True, persist_result=True)
+def masters(period: dt.date, overwrite: bool = True) -> dict[str, Any]:
+    """Rebuild the master bias and flats of the period containing ``period``."""
+    settings = PhotocalSettings()
+    config = MastersConfig()
+    label = period_label(period.isoformat(), config)
+    start = dt.date.fromisoformat(label)
+    nights = [(start + dt.timedelta(days=i)).isoformat() for i in range(config.period_days)]
+    return _run(settings, nights=nights, stages=["masters"], overwrite=overwrite)
