@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 from sim._random import rng_for
 from sim.camera import Camera
@@ -144,15 +145,21 @@ class Instrument:
         rng = rng_for(self.seed, "dust", quadrant)
         out = np.ones((g.ny, g.nx))
         size = min(g.nx, g.ny)
-        yy, xx = np.mgrid[0 : g.ny, 0 : g.nx]
         for _ in range(rng.poisson(self.config.camera.dust_per_quadrant)):
             cx, cy = rng.uniform(0, g.nx), rng.uniform(0, g.ny)
             r_out = rng.uniform(0.03, 0.08) * size + 3.0
             r_in = 0.55 * r_out
             depth = rng.uniform(0.01, 0.03)
+            # Only the donut's neighbourhood: the logistic edges are < 1e-9 beyond it.
+            reach = r_out + 25.0
+            y0, y1 = max(0, int(cy - reach)), min(g.ny, int(cy + reach) + 1)
+            x0, x1 = max(0, int(cx - reach)), min(g.nx, int(cx + reach) + 1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            yy, xx = np.mgrid[y0:y1, x0:x1]
             r = np.hypot(xx - cx, yy - cy)
-            ring = 1.0 / (1.0 + np.exp((r - r_out) / 1.0)) - 1.0 / (1.0 + np.exp((r - r_in) / 1.0))
-            out *= 1.0 - depth * ring
+            ring = expit(r_out - r) - expit(r_in - r)
+            out[y0:y1, x0:x1] *= 1.0 - depth * ring
         return out
 
     def chroma(self, quadrant: int) -> np.ndarray:
