@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from flows.pipeline import STAGES, StageName, photocal_run
 from flows.runners import make_task_runner
 from flows.settings import PhotocalSettings
+from tasks.devices import gpu_workers_task, on_gpu_if_any, probe_device_task
 from tasks.index import IndexConfig
 from tasks.masters import MastersConfig, period_label
 
@@ -119,3 +120,16 @@ def masters(period: dt.date, overwrite: bool = True) -> dict[str, Any]:
     start = dt.date.fromisoformat(label)
     nights = [(start + dt.timedelta(days=i)).isoformat() for i in range(config.period_days)]
     return _run(settings, nights=nights, stages=["masters"], overwrite=overwrite)
+
+
+@flow(name="device-check", log_prints=True)
+def device_check(n_gpu_tasks: int = 4, n_cpu_tasks: int = 4) -> list[dict[str, Any]]:
+    """Run probes marked for GPU and unmarked ones; report where each ran and the
+    torch device it saw (how cluster operators check their GPU workers)."""
+    gpus = gpu_workers_task.submit().result()  # asks the scheduler, from a worker
+    with on_gpu_if_any(gpus):
+        marked = [probe_device_task.submit(f"gpu-{i}") for i in range(n_gpu_tasks)]
+    plain = [probe_device_task.submit(f"cpu-{i}") for i in range(n_cpu_tasks)]
+    results = [f.result() for f in marked + plain]
+    get_run_logger().info("GPU workers: %s; probes: %s", gpus, results)
+    return results
