@@ -30,8 +30,9 @@ def stack(tiny_survey, tmp_path_factory):
         "PHOTOCAL_RAW": str(raw),
         "PHOTOCAL_WORKERS": "2",
     }
-    with local_stack(env=env, log_dir=home / "logs") as s, temporary_settings(
-        updates={PREFECT_API_URL: s.api_url}
+    with (
+        local_stack(env=env, log_dir=home / "logs") as s,
+        temporary_settings(updates={PREFECT_API_URL: s.api_url}),
     ):
         yield s
 
@@ -40,7 +41,9 @@ def _artifacts(key: str):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
 
 
 def test_server_binds_to_loopback_only(stack):
@@ -68,10 +71,12 @@ def test_backfill_through_the_api(stack):
     flat = read_group(store, "masters/flat/r/2026-03-05")
     assert flat.attrs["stage"] == "masters"
     report = _artifacts("night-2026-03-10")
-    assert report and "Rejected files" in report[0].data
+    assert report
+    assert "Rejected files" in report[0].data
     assert "FOCUS" in report[0].data
     progress = _artifacts("backfill-progress")
-    assert progress and float(progress[0].data) == 100.0
+    assert progress
+    assert float(progress[0].data) == 100.0
 
     # Started again without overwrite, the backfill skips what is complete.
     again = run_deployment(
@@ -96,4 +101,6 @@ def test_invalid_parameters_are_refused(stack):
         "backfill/backfill", parameters={"start": "2026-03-11", "end": "2026-03-10"}, timeout=300
     )
     assert run.state.is_failed()
-    assert "before start" in (run.state.message or "") + str(run.state.result(raise_on_failure=False))
+    assert "before start" in (run.state.message or "") + str(
+        run.state.result(raise_on_failure=False)
+    )
