@@ -123,18 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _progress_bar(total: int, description: str):
+    """A terminal progress bar (rich), or nothing when output is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not sys.stdout.isatty(),
+    )
+    task_id = progress.add_task(description, total=total)
+    return progress, lambda _key: progress.advance(task_id)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from sim.config import make_config
+    from sim.survey import Survey
     from tasks.simulate import simulate_survey
 
-    res = simulate_survey(
-        args.out,
-        preset=args.preset,
-        nights=args.nights,
-        seed=args.seed,
-        domain=args.domain,
-        jobs=args.jobs,
-        bad_files=args.bad_files,
-    )
+    cfg = make_config(args.preset, seed=args.seed, nights=args.nights, domain=args.domain)
+    progress, advance = _progress_bar(len(Survey(cfg).exposures), "rendering exposures")
+    with progress:
+        res = simulate_survey(
+            args.out, cfg, jobs=args.jobs, bad_files=args.bad_files, progress=advance
+        )
     print(
         f"simulated {res.n_files} exposures over nights {', '.join(res.nights)} "
         f"in {res.wall_s:.1f} s"
