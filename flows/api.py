@@ -16,8 +16,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 
 @contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Yield the API URL in use; start (and later stop) an embedded server if none."""
+def prefect_api(*, startup_timeout_s: int = 180) -> Iterator[str | None]:
+    """Yield the API URL in use; start (and later stop) an embedded server if none.
+    The start-up timeout is generous: a loaded 2-core machine needs > 20 s."""
     configured = PREFECT_API_URL.value()
     if configured:
         # Settings given in code (a test harness, a profile) reach Dask worker
@@ -28,7 +29,7 @@ def prefect_api() -> Iterator[str | None]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start()
+    server.start(timeout=startup_timeout_s)
     try:
         with (
             _exported("PREFECT_API_URL", server.api_url),
