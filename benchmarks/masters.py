@@ -51,8 +51,13 @@ def peer(stack: np.ndarray):
     ccds = [CCDData(frame, unit="adu") for frame in stack]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ccdproc.combine(ccds, method="average", sigma_clip=True,
-                               sigma_clip_low_thresh=3, sigma_clip_high_thresh=3)
+        return ccdproc.combine(
+            ccds,
+            method="average",
+            sigma_clip=True,
+            sigma_clip_low_thresh=3,
+            sigma_clip_high_thresh=3,
+        )
 
 
 def single_quadrant(n: int, ny: int, nx: int) -> None:
@@ -78,8 +83,10 @@ def single_quadrant(n: int, ny: int, nx: int) -> None:
     print(f"speed-up:              {t_peer / t_ours:8.1f} x   (target >= 10 x)")
     print(f"max relative difference: {rel.max():.2e}  (masks identical: {same_mask})")
     total = size_mb + peak_extra
-    print(f"peak memory: stack {size_mb:.0f} MiB + {peak_extra:.0f} MiB working = "
-          f"{total / size_mb:.2f} x the stack   (target <= 2 x)")
+    print(
+        f"peak memory: stack {size_mb:.0f} MiB + {peak_extra:.0f} MiB working = "
+        f"{total / size_mb:.2f} x the stack   (target <= 2 x)"
+    )
 
 
 def focal_plane(workers: int) -> None:
@@ -95,7 +102,9 @@ def focal_plane(workers: int) -> None:
 
     work = tempfile.mkdtemp(prefix="photocal-bench-")
     cfg = make_config("ztf", seed=1)
-    cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, n_bias=3, n_flat_per_led=1, n_science=1))
+    cfg = cfg.replace(
+        schedule=dataclasses.replace(cfg.schedule, n_bias=3, n_flat_per_led=1, n_science=1)
+    )
     t0 = time.perf_counter()
     sim = simulate_survey(work + "/sim", cfg, jobs=workers)
     print(f"simulated {sim.n_files} full focal-plane exposures in {time.perf_counter() - t0:.0f} s")
@@ -112,13 +121,17 @@ def focal_plane(workers: int) -> None:
     # Flats are read twice (levels, then combination).
     n_reads = sch.n_bias + 2 * (n_frames - sch.n_bias)
     mpix = 64 * cfg.camera.quad_nx * cfg.camera.quad_ny / 1e6
-    print(f"masters stage, {workers} Dask workers: {n_frames} frames x {mpix:.0f} Mpix "
-          f"in {wall:.0f} s = {n_frames * mpix / wall:.1f} frame-Mpix/s "
-          f"({n_reads * mpix / wall:.1f} Mpix/s read)")
+    print(
+        f"masters stage, {workers} Dask workers: {n_frames} frames x {mpix:.0f} Mpix "
+        f"in {wall:.0f} s = {n_frames * mpix / wall:.1f} frame-Mpix/s "
+        f"({n_reads * mpix / wall:.1f} Mpix/s read)"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--ny", type=int, default=3080)
     p.add_argument("--nx", type=int, default=3072)
