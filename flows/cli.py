@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run pipeline stages through the Prefect flow")
     p.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
-    p.add_argument("--raw", help="raw FITS root (searched recursively)")
-    p.add_argument("--refcat", type=Path, help="reference catalog (FITS or ECSV)")
+    p.add_argument("--raw", help="raw FITS root (searched recursively); needed by 'index'")
+    p.add_argument(
+        "--refcat", type=Path, help="reference catalog (FITS or ECSV); needed by 'photometry'"
+    )
     p.add_argument(
         "--night",
         dest="nights",
@@ -90,13 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="observing night YYYY-MM-DD (repeatable; default: all found)",
     )
     p.add_argument(
-        "--stages", type=_stages, default=None, help="comma-separated stages (default: all)"
+        "--stages",
+        type=_stages,
+        default=None,
+        help="comma-separated stages, in order: index,masters,reduce,photometry (default: all)",
     )
     p.add_argument(
         "--site-longitude",
         type=float,
         default=None,
         help="east-positive site longitude in degrees (default: Palomar)",
+    )
+    p.add_argument(
+        "--keep-reduced",
+        action="store_true",
+        help="also store the reduced (fluence) images: large, off by default",
+    )
+    p.add_argument(
+        "--no-overwrite",
+        dest="overwrite",
+        action="store_false",
+        help="keep groups that are already complete (resume an interrupted run)",
+    )
+    p.add_argument(
+        "--cluster",
+        default="local",
+        help="cluster spec: local, slurm, kubernetes (infra/clusters/) or a YAML path",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--dask-address", help="tcp://HOST:PORT of a running dask scheduler")
@@ -172,11 +193,14 @@ def run_pipeline(
     workers: int | None = None,
     cluster: str = "local",
     overwrite: bool = True,
+    refcat: str | None = None,
+    keep_reduced: bool = False,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
     from tasks.index import IndexConfig
+    from tasks.reduce import ReduceConfig
 
     index = (
         IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
@@ -184,7 +208,14 @@ def run_pipeline(
     runner = make_task_runner(dask_address=dask_address, workers=workers, cluster=cluster)
     with prefect_api():
         return photocal_run.with_options(task_runner=runner)(
-            store=store, raw=raw, nights=nights, stages=stages, index=index, overwrite=overwrite
+            store=store,
+            raw=raw,
+            nights=nights,
+            stages=stages,
+            index=index,
+            overwrite=overwrite,
+            refcat=refcat,
+            reduce=ReduceConfig(keep_reduced=keep_reduced),
         )
 
 
@@ -199,6 +230,11 @@ def print_summary(summary: dict) -> None:
             print(f"  {path}: {reason}")
     for group, s in summary.get("masters", {}).items():
         print(f"  {group}: {_describe_master(s)}")
+    if summary.get("skipped"):
+        print(f"kept (already complete): {', '.join(summary['skipped'])}")
+    for night, counts in summary.get("photometry", {}).items():
+        parts = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(f"  nights/{night}/catalog: {parts}")
 
 
 def _describe_master(s: dict) -> str:
@@ -225,6 +261,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "index" in stages and args.raw is None:
         print("photocal run: --raw is required for the index stage", file=sys.stderr)
         return 2
+    if {"reduce", "photometry"} & set(stages) and args.refcat is None:
+        print("photocal run: --refcat is required for the photometry stage", file=sys.stderr)
+        return 2
     summary = run_pipeline(
         store=args.store,
         raw=args.raw,
@@ -235,6 +274,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         cluster=args.cluster,
         overwrite=args.overwrite,
+        refcat=None if args.refcat is None else str(args.refcat),
+        keep_reduced=args.keep_reduced,
     )
     print_summary(summary)
     return 0
@@ -261,7 +302,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     store = work / "photocal.zarr"
     summary = run_pipeline(
-        store=str(store), raw=str(res.raw), nights=None, stages=None, workers=args.workers
+        store=str(store),
+        raw=str(res.raw),
+        nights=None,
+        stages=None,
+        workers=args.workers,
+        refcat=str(res.refcat),
     )
     print(f"      done in {time.perf_counter() - t1:.1f} s")
     print_summary(summary)

@@ -55,7 +55,7 @@ def _run(settings: PhotocalSettings, **kwargs: Any) -> dict[str, Any]:
     )
     index = IndexConfig(site_longitude_deg=settings.site_longitude_deg)
     return photocal_run.with_options(task_runner=runner)(
-        store=settings.store, raw=settings.raw, index=index, **kwargs
+        store=settings.store, raw=settings.raw, refcat=settings.refcat, index=index, **kwargs
     )
 
 

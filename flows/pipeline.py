@@ -10,6 +10,7 @@ from tasks.index import (
     IndexConfig,
     find_raw_files_task,
     group_by_night_task,
+    indexed_nights_task,
     validate_files_task,
     write_index_task,
 )
@@ -26,11 +27,19 @@ from tasks.masters import (
     quadrant_chunks,
     reference_period,
 )
+from tasks.reduce import (
+    PhotometryConfig,
+    ReduceConfig,
+    photometer_chunk_task,
+    plan_reduce_task,
+    write_night_task,
+)
 from tasks.reports import night_report_task
 
-StageName = Literal["index", "masters"]
+StageName = Literal["index", "masters", "reduce", "photometry"]
 STAGES: tuple[str, ...] = get_args(StageName)
-"""Stages in execution order (later issues add reduce, photometry, ubercal, ...)."""
+"""Stages in execution order. ``reduce`` and ``photometry`` run as one step per
+exposure chunk: reduced images are not kept (unless ``keep_reduced``)."""
 
 
 @flow(name="photocal-run", log_prints=True)
@@ -41,6 +50,9 @@ def photocal_run(
     stages: list[str] | None = None,
     index: IndexConfig | None = None,
     masters: MastersConfig | None = None,
+    reduce: ReduceConfig | None = None,
+    photometry: PhotometryConfig | None = None,
+    refcat: str | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
@@ -61,6 +73,7 @@ def photocal_run(
         "nights": {},
         "rejected": [],
         "masters": {},
+        "photometry": {},
         "skipped": [],
     }
     if "index" in stages:
@@ -89,6 +102,18 @@ def photocal_run(
         ]
     if "masters" in stages:
         summary["masters"] = _masters_stage(store, nights, masters, overwrite, summary["skipped"])
+    if "reduce" in stages or "photometry" in stages:
+        if refcat is None:
+            raise ValueError("the photometry stage needs the reference catalog (--refcat)")
+        summary["photometry"] = _photometry_stage(
+            store,
+            nights,
+            refcat,
+            reduce or ReduceConfig(),
+            photometry or PhotometryConfig(),
+            overwrite,
+            summary["skipped"],
+        )
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
     return summary
@@ -138,4 +163,36 @@ def _masters_stage(
                 unmapped(config),
             )
             out[group] = commit_flat_task(store, plan, band, staging, sums, config)
+    return out
+
+
+def _photometry_stage(
+    store: str,
+    nights: list[str] | None,
+    refcat: str,
+    reduce: ReduceConfig,
+    photometry: PhotometryConfig,
+    overwrite: bool,
+    skipped: list[str],
+) -> dict[str, Any]:
+    """Reduce and photometer each night's science exposures, chunk by chunk."""
+    out: dict[str, Any] = {}
+    for night in indexed_nights_task(store, nights):
+        group = f"nights/{night}/catalog"
+        if not overwrite and has_master(store, group):
+            skipped.append(group)
+            continue
+        raw_root, chunks = plan_reduce_task(store, night, reduce)
+        if not chunks:
+            continue
+        parts = photometer_chunk_task.map(
+            unmapped(store),
+            unmapped(raw_root),
+            chunks,
+            unmapped(refcat),
+            unmapped(night),
+            unmapped(reduce),
+            unmapped(photometry),
+        )
+        out[night] = write_night_task(store, night, parts, refcat, reduce, photometry)
     return out

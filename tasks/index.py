@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from tasks.io.night import PALOMAR_LONGITUDE_DEG, observing_night
 from tasks.io.raw import RawFileError, validate_file
-from tasks.io.store import write_group
+from tasks.io.store import list_groups, write_group
 
 UNKNOWN_NIGHT = "unknown-night"
 _SKIPPED_SUFFIXES = (".part", ".tmp", ".lock")
@@ -208,3 +208,10 @@ def write_index_task(
     for r in rows:
         counts[r["status"]] += 1
     return dict(counts)
+
+
+@task(name="indexed-nights")
+def indexed_nights_task(store: str, nights: list[str] | None) -> list[str]:
+    """The requested nights that have an index (all indexed nights by default)."""
+    have = [n for n in list_groups(store, "index") if n != UNKNOWN_NIGHT]
+    return have if nights is None else [n for n in have if n in nights]

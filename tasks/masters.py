@@ -464,13 +464,10 @@ def build_flat_quadrants(
             )
             m = _combine(norm, config)
             led_masters.append(m)
-            sigma_i = (
-                flat_residual_sigma(norm)
-                if len(norm) > 1
-                else np.full(m.center.shape, np.nan, np.float32)
-            )
-            resid_maps.append(sigma_i)
-            resid_median[j] = float(np.nanmedian(sigma_i[~hot])) if len(norm) > 1 else np.nan
+            if len(norm) > 1:  # a scatter needs at least two frames of the LED
+                sigma_i = flat_residual_sigma(norm)
+                resid_maps.append(sigma_i)
+                resid_median[j] = float(np.nanmedian(sigma_i[~hot]))
             by_night: dict[str, list[int]] = defaultdict(list)
             for k, (_, night) in enumerate(plan.flats[band][led]):
                 by_night[night].append(k)
@@ -497,10 +494,9 @@ def build_flat_quadrants(
         good = (defects == 0) & np.isfinite(center)
         i = plan.quadrants.index(q)
         dims = ("quadrant", "y", "x")
-        with np.errstate(invalid="ignore"):
-            resid = (
-                np.nanmean(resid_maps, axis=0) if len(resid_maps) else np.full(center.shape, np.nan)
-            )
+        resid = (
+            np.mean(resid_maps, axis=0) if resid_maps else np.full(center.shape, np.nan, np.float32)
+        )
         piece = xr.Dataset(
             {
                 "flat": (dims, center[None].astype(np.float32)),
