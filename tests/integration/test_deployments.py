@@ -28,6 +28,7 @@ def stack(tiny_survey, tmp_path_factory):
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PHOTOCAL_STORE": str(data / "photocal.zarr"),
         "PHOTOCAL_RAW": str(raw),
+        "PHOTOCAL_REFCAT": str(tiny_survey.refcat),
         "PHOTOCAL_WORKERS": "2",
     }
     with (
