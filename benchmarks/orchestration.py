@@ -25,52 +25,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 def plain_loop(raw: str, store: str) -> None:
     """index + masters with no Prefect and no Dask: the same functions, in order."""
-    from tasks.index import (
-        IndexConfig,
-        find_raw_files,
-        group_by_night,
-        index_row,
-        rows_to_dataset,
-    )
-    from tasks.io.store import begin_group, write_group
-    from tasks.masters import (
-        MastersConfig,
-        bias_template,
-        build_bias_quadrants,
-        build_flat_quadrants,
-        commit_bias,
-        commit_flat,
-        flat_levels,
-        flat_template,
-        frame_levels,
-        plan_periods,
-        reference_period,
-    )
+    from tasks.index import index_sequentially
+    from tasks.masters import build_masters_sequentially
 
-    cfg = IndexConfig()
-    rows = [index_row(raw, p, cfg.site_longitude_deg) for p in find_raw_files(raw)]
-    for night, night_rows in group_by_night(rows).items():
-        write_group(
-            store,
-            f"index/{night}",
-            rows_to_dataset(night_rows),
-            attrs={"stage": "index", "raw_root": str(Path(raw).resolve())},
-        )
-    mcfg = MastersConfig()
-    plans = plan_periods(store, None, mcfg)
-    reference = reference_period(store, plans, mcfg)
-    for plan in plans:
-        ref = None if reference == plan.period else reference
-        staging = begin_group(store, f"masters/bias/{plan.period}", bias_template(plan))
-        stats = build_bias_quadrants(store, plan, plan.quadrants, staging, ref, mcfg)
-        commit_bias(store, plan, staging, stats, ref, mcfg)
-        for band in plan.flats:
-            levels = frame_levels([flat_levels(store, plan, band, plan.quadrants, mcfg)])
-            staging = begin_group(
-                store, f"masters/flat/{band}/{plan.period}", flat_template(plan, band)
-            )
-            sums = build_flat_quadrants(store, plan, band, plan.quadrants, staging, levels, mcfg)
-            commit_flat(store, plan, band, staging, [sums], mcfg)
+    index_sequentially(raw, store)
+    build_masters_sequentially(store)
 
 
 def through_flow(raw: str, store: str, workers: int) -> None:

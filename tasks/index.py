@@ -215,3 +215,25 @@ def indexed_nights_task(store: str, nights: list[str] | None) -> list[str]:
     """The requested nights that have an index (all indexed nights by default)."""
     have = [n for n in list_groups(store, "index") if n != UNKNOWN_NIGHT]
     return have if nights is None else [n for n in have if n in nights]
+
+
+def index_sequentially(raw_root: str, store: str, config: IndexConfig | None = None) -> list[str]:
+    """The index stage without Prefect or Dask (benchmarks, debugging); returns the
+    nights written."""
+    config = config or IndexConfig()
+    rows = [index_row(raw_root, p, config.site_longitude_deg) for p in find_raw_files(raw_root)]
+    by_night = group_by_night(rows)
+    for night, night_rows in by_night.items():
+        write_group(
+            store,
+            f"index/{night}",
+            rows_to_dataset(night_rows),
+            attrs={
+                "stage": "index",
+                "night": night,
+                "raw_root": str(Path(raw_root).resolve()),
+                "config": config.model_dump(),
+                "inputs": sorted(r["path"] for r in night_rows),
+            },
+        )
+    return list(by_night)

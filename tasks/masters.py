@@ -39,6 +39,7 @@ from tasks.io.store import (
     list_groups,
     open_staging,
     read_group,
+    staging_committed,
     write_region,
 )
 from tasks.qa import plot_histograms, plot_quadrant_maps, qa_dir
@@ -249,6 +250,8 @@ def build_bias_quadrants(
     config: MastersConfig,
 ) -> dict[int, dict[str, Any]]:
     """Combine the period's biases for some quadrants into the staging group."""
+    if staging_committed(store, f"masters/bias/{plan.period}", staging):
+        return _committed_bias_stats(store, plan, quadrants)
     out = {}
     ref = read_group(store, f"masters/bias/{reference}", load=False) if reference else None
     for q in quadrants:
@@ -365,6 +368,42 @@ def _bias_summary(stats: dict[int, dict[str, Any]], reference: str | None) -> di
     return summary
 
 
+def _committed_bias_stats(
+    store: str, plan: PeriodPlan, quadrants: tuple[int, ...]
+) -> dict[int, dict[str, Any]]:
+    """What build_bias_quadrants returned, read back from the committed group."""
+    ds = read_group(store, f"masters/bias/{plan.period}", load=False)
+    out = {}
+    for q in quadrants:
+        r = ds.sel(quadrant=q)[
+            ["n_hot", "mean_delta_adu", "rms_delta_adu", "outlier_fraction", "flagged", "nframes"]
+        ].load()
+        stats: dict[str, Any] = {"n_hot": int(r.n_hot), "nframes": int(r.nframes.max())}
+        if np.isfinite(float(r.mean_delta_adu)):
+            stats.update(
+                mean_delta_adu=float(r.mean_delta_adu),
+                rms_delta_adu=float(r.rms_delta_adu),
+                outlier_fraction=float(r.outlier_fraction),
+                flagged=bool(r.flagged),
+            )
+        out[q] = stats
+    return out
+
+
+def _committed_flat_sums(
+    store: str, plan: PeriodPlan, band: str, quadrants: tuple[int, ...]
+) -> dict[int, tuple[float, int]]:
+    """Good-pixel sums of the un-normalised flat, recovered from the committed one."""
+    ds = read_group(store, f"masters/flat/{band}/{plan.period}", load=False)
+    norm = float(ds.attrs["summary"]["normalisation"])
+    out = {}
+    for q in quadrants:
+        r = ds.sel(quadrant=q)[["flat", "defects"]].load()
+        good = (r.defects.values == 0) & np.isfinite(r.flat.values)
+        out[q] = (float(r.flat.values[good].sum(dtype=np.float64)) * norm, int(good.sum()))
+    return out
+
+
 def reference_period(store: str, plans: list[PeriodPlan], config: MastersConfig) -> str | None:
     """The bias period others are compared with (None: the first plan is the reference)."""
     if config.reference_period is not None:
@@ -445,6 +484,8 @@ def build_flat_quadrants(
 ) -> dict[int, tuple[float, int]]:
     """Combine per LED, then across LEDs, for some quadrants; returns per quadrant
     the sum and count of good-pixel flat values (for the global normalisation)."""
+    if staging_committed(store, f"masters/flat/{band}/{plan.period}", staging):
+        return _committed_flat_sums(store, plan, band, quadrants)
     bias = read_group(store, f"masters/bias/{plan.period}", load=False)
     leds = sorted(plan.flats[band])
     nights = list(plan.nights)
@@ -530,24 +571,30 @@ def commit_flat(
     count = sum(c for part in sums for _, c in part.values())
     norm = total / count
     ds = open_staging(staging)
-    for i in range(len(plan.quadrants)):
-        q = ds.isel(quadrant=slice(i, i + 1))[["flat", "uncertainty"]].load()
-        write_region(
-            staging,
-            (q / norm).astype(np.float32).drop_vars("quadrant"),
-            {"quadrant": slice(i, i + 1)},
-        )
-    ds = open_staging(staging).load()
     qa = qa_dir(store, group)
-    hot_mask = ds.defects.values != 0
-    ratios = {f"LED {led}": ds.ratio_median.sel(led=led).values.ravel() for led in ds.led.values}
+    flat_maps, sigma_samples = {}, {}
+    n_defects = 0
+    # One quadrant at a time: a whole focal plane is ~9 GB at ZTF size.
+    for i, name in enumerate(plan.extnames):
+        piece = ds.isel(quadrant=slice(i, i + 1))[
+            ["flat", "uncertainty", "defects", "residual_sigma"]
+        ]
+        piece = piece.load()
+        scaled = (piece[["flat", "uncertainty"]] / norm).astype(np.float32)
+        write_region(staging, scaled.drop_vars("quadrant"), {"quadrant": slice(i, i + 1)})
+        bad = piece.defects.values[0] != 0
+        n_defects += int(bad.sum())
+        flat_maps[name] = scaled.flat.values[0, ::4, ::4] - 1.0
+        if i < 8:
+            sigma_samples[name] = piece.residual_sigma.values[0][~bad][::16]
+    small = ds[["ratio_median", "ratio_rms", "ratio_outlier_fraction", "n_dead"]].load()
+    ratios = {
+        f"LED {led}": small.ratio_median.sel(led=led).values.ravel() for led in small.led.values
+    }
     plots = {
         "flat_map": str(
             plot_quadrant_maps(
-                {
-                    n: (ds.flat.isel(quadrant=i).values[::4, ::4] - 1.0)
-                    for i, n in enumerate(plan.extnames)
-                },
+                flat_maps,
                 qa / "flat.png",
                 title=f"master flat {band} {plan.period} (minus 1)",
                 unit="relative",
@@ -555,29 +602,25 @@ def commit_flat(
         ),
         "residual_sigma_hist": str(
             plot_histograms(
-                {
-                    n: ds.residual_sigma.isel(quadrant=i).values[~hot_mask[i]]
-                    for i, n in enumerate(plan.extnames[:8])
-                },
+                sigma_samples,
                 qa / "residual_sigma.png",
                 title="per-pixel residual sigma of the flat stack",
                 xlabel="sigma_i",
             )
         ),
     }
+    finite = lambda a: bool(np.isfinite(a).any())  # noqa: E731
     summary = {
         "normalisation": norm,
-        "n_dead": int(ds.n_dead.sum()),
-        "n_defects": int(hot_mask.sum()),
-        "ratio_rms_max": float(np.nanmax(ds.ratio_rms.values))
-        if np.isfinite(ds.ratio_rms.values).any()
+        "n_dead": int(small.n_dead.sum()),
+        "n_defects": n_defects,
+        "ratio_rms_max": float(np.nanmax(small.ratio_rms.values))
+        if finite(small.ratio_rms.values)
         else None,
-        "ratio_outlier_fraction_max": float(np.nanmax(ds.ratio_outlier_fraction.values))
-        if np.isfinite(ds.ratio_outlier_fraction.values).any()
+        "ratio_outlier_fraction_max": float(np.nanmax(small.ratio_outlier_fraction.values))
+        if finite(small.ratio_outlier_fraction.values)
         else None,
-        "led_ratio_medians": {
-            k: float(np.nanmedian(v)) for k, v in ratios.items() if np.isfinite(v).any()
-        },
+        "led_ratio_medians": {k: float(np.nanmedian(v)) for k, v in ratios.items() if finite(v)},
     }
     commit_group(
         store,
@@ -666,3 +709,27 @@ def quadrant_chunks(plan: PeriodPlan, config: MastersConfig) -> list[tuple[int, 
 
 def has_master(store: str, group: str) -> bool:
     return group_exists(store, group)
+
+
+def build_masters_sequentially(
+    store: str, nights: list[str] | None = None, config: MastersConfig | None = None
+) -> dict[str, Any]:
+    """The masters stage without Prefect or Dask, all quadrants in one process
+    (benchmarks, debugging); returns the summaries by group."""
+    config = config or MastersConfig()
+    plans = plan_periods(store, nights, config)
+    reference = reference_period(store, plans, config)
+    out: dict[str, Any] = {}
+    for plan in plans:
+        ref = None if reference == plan.period else reference
+        group = f"masters/bias/{plan.period}"
+        staging = begin_group(store, group, bias_template(plan))
+        stats = build_bias_quadrants(store, plan, plan.quadrants, staging, ref, config)
+        out[group] = commit_bias(store, plan, staging, stats, ref, config)
+        for band in plan.flats:
+            group = f"masters/flat/{band}/{plan.period}"
+            levels = frame_levels([flat_levels(store, plan, band, plan.quadrants, config)])
+            staging = begin_group(store, group, flat_template(plan, band))
+            sums = build_flat_quadrants(store, plan, band, plan.quadrants, staging, levels, config)
+            out[group] = commit_flat(store, plan, band, staging, [sums], config)
+    return out

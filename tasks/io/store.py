@@ -278,3 +278,13 @@ def abandon_group(staging: str) -> None:
     _, group = _split_staging(staging)
     if group is None:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_committed(store: str | os.PathLike, group: str, staging: str) -> bool:
+    """True when the build of ``group`` at ``staging`` was already committed: a
+    piece re-run after that (Dask recomputes lost results when a worker dies)
+    must not write again."""
+    if not group_exists(store, group):
+        return False
+    _, stage_group = _split_staging(staging)
+    return stage_group is not None or not os.path.isdir(staging)
