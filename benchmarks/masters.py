@@ -89,7 +89,7 @@ def single_quadrant(n: int, ny: int, nx: int) -> None:
     )
 
 
-def focal_plane(workers: int) -> None:
+def focal_plane(workers: int, workdir: str | None) -> None:
     import dataclasses
     import os
 
@@ -100,21 +100,25 @@ def focal_plane(workers: int) -> None:
     from tasks.masters import MastersConfig
     from tasks.simulate import simulate_survey
 
-    work = tempfile.mkdtemp(prefix="photocal-bench-")
+    work = workdir or tempfile.mkdtemp(prefix="photocal-bench-")
     cfg = make_config("ztf", seed=1)
     cfg = cfg.replace(
         schedule=dataclasses.replace(cfg.schedule, n_bias=3, n_flat_per_led=1, n_science=1)
     )
-    t0 = time.perf_counter()
-    sim = simulate_survey(work + "/sim", cfg, jobs=workers)
-    print(f"simulated {sim.n_files} full focal-plane exposures in {time.perf_counter() - t0:.0f} s")
+    raw = os.path.join(work, "sim", "raw")
+    if not os.path.isdir(raw):
+        t0 = time.perf_counter()
+        sim = simulate_survey(work + "/sim", cfg, jobs=workers)
+        print(
+            f"simulated {sim.n_files} focal-plane exposures in {time.perf_counter() - t0:.0f} s"
+        )
+    store = os.path.join(work, f"photocal-{int(time.time())}.zarr")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    store = work + "/photocal.zarr"
     with prefect_api():
         run = photocal_run.with_options(task_runner=make_task_runner(workers=workers))
-        run(store=store, raw=str(sim.raw), stages=["index"])
+        run(store=store, raw=raw, stages=["index"])
         t0 = time.perf_counter()
-        run(store=store, raw=str(sim.raw), stages=["masters"], masters=MastersConfig())
+        run(store=store, raw=raw, stages=["masters"], masters=MastersConfig())
         wall = time.perf_counter() - t0
     sch = cfg.schedule
     n_frames = sch.n_bias + sch.leds_per_band * sch.n_flat_per_led * len(sch.bands)
@@ -137,10 +141,11 @@ def main() -> None:
     p.add_argument("--nx", type=int, default=3072)
     p.add_argument("--focal-plane", action="store_true")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workdir", default=None, help="reuse a simulated ztf survey in this folder")
     args = p.parse_args()
     single_quadrant(args.frames, args.ny, args.nx)
     if args.focal_plane:
-        focal_plane(args.workers)
+        focal_plane(args.workers, args.workdir)
 
 
 if __name__ == "__main__":
