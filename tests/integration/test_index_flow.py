@@ -28,7 +28,7 @@ def harness():
 def _run(store, raw, **kwargs):
     with prefect_api():
         return photocal_run.with_options(task_runner=make_task_runner(workers=2))(
-            store=str(store), raw=str(raw), **kwargs
+            store=str(store), raw=str(raw), **{"stages": ["index"], **kwargs}
         )
 
 
