@@ -1,0 +1,174 @@
+"""Starflats: the zero-point variation of a star with its position on the camera,
+``dzp(quadrant, x, y)``, as a constant per superpixel cell of each quadrant
+(BRIEF §1 step 4; seed 004, "starflat procedure").
+
+Convention (docs/simulator.md): ``m = m_inst + zp + dzp_starflat``. The field is
+fitted by the ubercal solver (:func:`calib.ubercal.solve_ubercal`), either inside
+a full ubercal or alone on a dithered sequence with :func:`fit_starflat`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from calib.ubercal import ObservationChunk, ReferenceStars, UbercalOptions
+
+__all__ = ["Starflat", "fit_starflat"]
+
+
+@dataclass(frozen=True)
+class Starflat:
+    """A fitted starflat: one delta-zp per superpixel cell of each quadrant.
+
+    Attributes
+    ----------
+    quadrants : ndarray, shape (n_q,), int64
+        Quadrant ids (``4 (CCD_ID - 1) + QID - 1``) the field covers.
+    dzp_mag : ndarray, shape (n_q, ncy, ncx), mag
+        Delta zero point of each cell; NaN for cells without constraining data.
+    dzp_err_mag : ndarray, shape (n_q, ncy, ncx), mag
+        Its uncertainty, in the same gauge.
+    quad_nx, quad_ny : int, pixels
+        Quadrant data-section size: cell ``(cy, cx)`` covers
+        ``x in [cx, cx + 1) * quad_nx / ncx`` and likewise in y.
+    gauge : {'quadrant', 'focal_plane'}
+        ``'quadrant'``: each quadrant's cells average to zero (its mean lives in the
+        per exposure-quadrant zero points); ``'focal_plane'``: all cells average to
+        zero (per-exposure zero points), so quadrant offsets are part of the field.
+    """
+
+    quadrants: np.ndarray
+    dzp_mag: np.ndarray
+    dzp_err_mag: np.ndarray
+    quad_nx: int
+    quad_ny: int
+    gauge: str
+
+    def __post_init__(self) -> None:
+        if self.dzp_mag.ndim != 3 or self.dzp_mag.shape[0] != len(self.quadrants):
+            raise ValueError(
+                f"dzp_mag must have shape (n_quadrants={len(self.quadrants)}, ncy, ncx), "
+                f"got {self.dzp_mag.shape}"
+            )
+        if self.dzp_err_mag.shape != self.dzp_mag.shape:
+            raise ValueError("dzp_err_mag must have the shape of dzp_mag")
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """Grid shape (ncy, ncx)."""
+        return self.dzp_mag.shape[1], self.dzp_mag.shape[2]
+
+    def cell_index(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell (cy, cx) of 0-based data-section positions; edges clip inwards."""
+        return cell_index(x, y, quad_nx=self.quad_nx, quad_ny=self.quad_ny, cells=self.cells)
+
+    def evaluate(self, quadrant: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Starflat delta-zp at positions on quadrants.
+
+        Parameters
+        ----------
+        quadrant : array_like of int, shape (n,)
+            Quadrant ids; ids the field does not cover raise ``ValueError``.
+        x, y : array_like, shape (n,), pixels
+            0-based data-section positions.
+
+        Returns
+        -------
+        ndarray, shape (n,), mag
+            ``dzp`` such that ``m = m_inst + zp + dzp``.
+        """
+        quadrant = np.asarray(quadrant, dtype=np.int64)
+        row = np.searchsorted(self.quadrants, quadrant)
+        row = np.clip(row, 0, len(self.quadrants) - 1)
+        if len(quadrant) and np.any(self.quadrants[row] != quadrant):
+            missing = np.unique(quadrant[self.quadrants[row] != quadrant])
+            raise ValueError(f"quadrant: ids {missing.tolist()} are not covered by this starflat")
+        cy, cx = self.cell_index(np.asarray(x), np.asarray(y))
+        return self.dzp_mag[row, cy, cx]
+
+    @classmethod
+    def fit(
+        cls,
+        observations: ObservationChunk,
+        *,
+        quad_nx: int,
+        quad_ny: int,
+        reference: ReferenceStars | None = None,
+        options: UbercalOptions | None = None,
+    ) -> Starflat:
+        """Fit on a dithered sequence; see :func:`fit_starflat`."""
+        return fit_starflat(
+            observations, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=options
+        )
+
+
+def cell_index(
+    x: np.ndarray, y: np.ndarray, *, quad_nx: int, quad_ny: int, cells: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Superpixel cell (cy, cx) of 0-based data-section pixel positions.
+
+    Pixel ``i`` covers ``[i - 0.5, i + 0.5)``; cell boundaries fall on multiples of
+    ``quad_n / n_cells`` in that continuous coordinate, and positions off the
+    quadrant by less than a pixel are clipped into the edge cells.
+    """
+    ncy, ncx = cells
+    cx = np.floor((np.asarray(x) + 0.5) * (ncx / quad_nx)).astype(np.int64)
+    cy = np.floor((np.asarray(y) + 0.5) * (ncy / quad_ny)).astype(np.int64)
+    return np.clip(cy, 0, ncy - 1), np.clip(cx, 0, ncx - 1)
+
+
+def fit_starflat(
+    observations: ObservationChunk,
+    *,
+    quad_nx: int,
+    quad_ny: int,
+    reference: ReferenceStars | None = None,
+    options: UbercalOptions | None = None,
+) -> Starflat:
+    """Fit a starflat on a dithered sequence of exposures (seed 004's procedure).
+
+    The same stars, observed on different cells by dithering, fix the relative
+    response of the cells: this is the ubercal fit with star magnitudes, one zero
+    point per exposure (by default; a photometric night) and the starflat, with
+    outlier rejection.
+
+    A dithered sequence does not constrain the linear gradient of the field across
+    the focal plane: it trades exactly against a sky gradient of the star
+    magnitudes plus a per-exposure zero point, and only the variation within cells
+    tells them apart. The reference catalog, when given, fixes it (it enters as a
+    prior on the star magnitudes, ``UbercalOptions.anchor``); without it the
+    gradient is poorly determined, and its errors say so.
+
+    Parameters
+    ----------
+    observations : ObservationChunk
+        The sequence's catalogs (expid, quadrant, source_id, x, y, mag_inst, ...).
+    quad_nx, quad_ny : int, pixels
+        Quadrant data-section size.
+    reference : ReferenceStars, optional
+        Reference magnitudes (recommended: they fix the field's gradient).
+    options : UbercalOptions, optional
+        Solver options; ``starflat`` is forced on. Default: per-exposure zero
+        points, 10x10 cells, no per-exposure gradient (without a reference catalog
+        its mean over exposures would be left to the variation within cells).
+
+    Returns
+    -------
+    Starflat
+    """
+    # The solver returns this module's Starflat, so it is imported at call time.
+    from calib.ubercal import UbercalOptions, solve_ubercal
+
+    opts = options or UbercalOptions(zp_mode="exposure", exposure_gradient=False)
+    if not opts.starflat:
+        opts = opts.replace(starflat=True)
+    solution = solve_ubercal(
+        observations, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=opts
+    )
+    if solution.starflat is None:
+        raise RuntimeError("solve_ubercal returned no starflat although starflat=True")
+    return solution.starflat
