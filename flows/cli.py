@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages",
         type=_stages,
         default=None,
-        help="comma-separated stages, in order: index,masters,reduce,photometry (default: all)",
+        help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal "
+        "(default: the per-night stages, all but ubercal)",
     )
     p.add_argument(
         "--site-longitude",
@@ -232,6 +233,9 @@ def print_summary(summary: dict) -> None:
         print(f"  {group}: {_describe_master(s)}")
     if summary.get("skipped"):
         print(f"kept (already complete): {', '.join(summary['skipped'])}")
+    for band, result in summary.get("ubercal", {}).items():
+        stats = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        print(f"  ubercal/{band}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"  nights/{night}/catalog: {parts}")
@@ -255,14 +259,17 @@ def _describe_master(s: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import STAGES
+    from flows.pipeline import NIGHTLY_STAGES
 
-    stages = args.stages or list(STAGES)
+    stages = args.stages or list(NIGHTLY_STAGES)
     if "index" in stages and args.raw is None:
         print("photocal run: --raw is required for the index stage", file=sys.stderr)
         return 2
-    if {"reduce", "photometry"} & set(stages) and args.refcat is None:
-        print("photocal run: --refcat is required for the photometry stage", file=sys.stderr)
+    if {"reduce", "photometry", "ubercal"} & set(stages) and args.refcat is None:
+        print(
+            "photocal run: --refcat is required for the photometry and ubercal stages",
+            file=sys.stderr,
+        )
         return 2
     summary = run_pipeline(
         store=args.store,

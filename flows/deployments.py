@@ -5,13 +5,13 @@ the environment (flows/settings.py); parameters are what an operator chooses."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, Field, model_validator
 
-from flows.pipeline import STAGES, StageName, photocal_run
+from flows.pipeline import NIGHTLY_STAGES, StageName, photocal_run
 from flows.runners import make_task_runner
 from flows.settings import PhotocalSettings
 from tasks.devices import gpu_workers_task, on_gpu_if_any, probe_device_task
@@ -27,7 +27,7 @@ class BackfillParameters(BaseModel):
     start: dt.date = Field(description="First night (YYYY-MM-DD, evening date).")
     end: dt.date = Field(description="Last night, inclusive.")
     stages: list[StageName] = Field(
-        default_factory=lambda: list(STAGES),
+        default_factory=lambda: list(NIGHTLY_STAGES),
         min_length=1,
         description="Stages to run, in pipeline order.",
     )
@@ -89,26 +89,46 @@ def backfill(
     """Re-process a range of nights, one calibration period at a time; complete
     groups are skipped unless ``overwrite``, so a stopped backfill resumes."""
     params = BackfillParameters(
-        start=start, end=end, stages=list(STAGES) if stages is None else stages, overwrite=overwrite
+        start=start,
+        end=end,
+        stages=list(NIGHTLY_STAGES) if stages is None else stages,
+        overwrite=overwrite,
     )
     settings = PhotocalSettings()
+    per_night = [st for st in params.stages if st != "ubercal"]
     by_period: dict[str, list[str]] = {}
     for night in params.nights():
         by_period.setdefault(period_label(night, MastersConfig()), []).append(night)
+    steps = len(by_period) + ("ubercal" in params.stages)
     progress = create_progress_artifact(
         progress=0.0,
         key="backfill-progress",
         description=f"backfill {params.start} .. {params.end}",
     )
-    done: dict[str, Any] = {"periods": {}, "skipped": []}
+    done: dict[str, Any] = {"periods": {}, "skipped": [], "ubercal": {}}
     for k, (period, nights) in enumerate(by_period.items(), start=1):
-        result = _run(
-            settings, nights=nights, stages=list(params.stages), overwrite=params.overwrite
-        )
-        done["periods"][period] = {"nights": result["nights"], "masters": list(result["masters"])}
-        done["skipped"] += result["skipped"]
-        update_progress_artifact(artifact_id=progress, progress=100.0 * k / len(by_period))
+        if per_night:
+            result = _run(settings, nights=nights, stages=per_night, overwrite=params.overwrite)
+            done["periods"][period] = {
+                "nights": result["nights"],
+                "masters": list(result["masters"]),
+            }
+            done["skipped"] += result["skipped"]
+        update_progress_artifact(artifact_id=progress, progress=100.0 * k / steps)
+    if "ubercal" in params.stages:
+        # One global fit over the whole range, not one per period.
+        done["ubercal"] = _run(settings, nights=params.nights(), stages=["ubercal"])["ubercal"]
+        update_progress_artifact(artifact_id=progress, progress=100.0)
     return done
+
+
+@flow(name="ubercal", log_prints=True, persist_result=True)
+def ubercal(band: Literal["g", "r", "i"], start: dt.date, end: dt.date) -> dict[str, Any]:
+    """The global ubercal + starflat fit of one band over a range of nights."""
+    params = BackfillParameters(start=start, end=end, stages=["ubercal"])
+    return _run(
+        PhotocalSettings(), nights=params.nights(), stages=["ubercal"], ubercal_bands=[band]
+    )
 
 
 @flow(name="masters", log_prints=True, persist_result=True)

@@ -35,11 +35,15 @@ from tasks.reduce import (
     write_night_task,
 )
 from tasks.reports import night_report_task
+from tasks.ubercal import UbercalStageConfig, bands_observed_task, ubercal_task
 
-StageName = Literal["index", "masters", "reduce", "photometry"]
+StageName = Literal["index", "masters", "reduce", "photometry", "ubercal"]
 STAGES: tuple[str, ...] = get_args(StageName)
 """Stages in execution order. ``reduce`` and ``photometry`` run as one step per
 exposure chunk: reduced images are not kept (unless ``keep_reduced``)."""
+NIGHTLY_STAGES: tuple[str, ...] = ("index", "masters", "reduce", "photometry")
+"""What a run does by default: per-night work. ``ubercal`` fits many nights at
+once and runs when asked (its own deployment)."""
 
 
 @flow(name="photocal-run", log_prints=True)
@@ -53,6 +57,7 @@ def photocal_run(
     reduce: ReduceConfig | None = None,
     photometry: PhotometryConfig | None = None,
     refcat: str | None = None,
+    ubercal_bands: list[str] | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
@@ -62,7 +67,7 @@ def photocal_run(
     per night the counts by status, the rejected files with their reasons, the
     masters written and the groups skipped.
     """
-    stages = list(STAGES) if stages is None else stages
+    stages = list(NIGHTLY_STAGES) if stages is None else stages
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGES)}")
@@ -74,6 +79,7 @@ def photocal_run(
         "rejected": [],
         "masters": {},
         "photometry": {},
+        "ubercal": {},
         "skipped": [],
     }
     if "index" in stages:
@@ -114,6 +120,14 @@ def photocal_run(
             overwrite,
             summary["skipped"],
         )
+    if "ubercal" in stages:
+        if refcat is None:
+            raise ValueError("the ubercal stage needs the reference catalog (--refcat)")
+        bands = ubercal_bands or bands_observed_task(store, nights)
+        first, last = (min(nights), max(nights)) if nights else (None, None)
+        for band in bands:
+            config = UbercalStageConfig(band=band, first_night=first, last_night=last)
+            summary["ubercal"][band] = ubercal_task.submit(store, refcat, config).result()
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
     return summary

@@ -56,13 +56,24 @@ def plot_histograms(
     finite = [s[np.isfinite(s)] for s in samples.values()]
     lo = min((np.percentile(s, 0.1) for s in finite if s.size), default=0.0)
     hi = max((np.percentile(s, 99.9) for s in finite if s.size), default=1.0)
+    drawn = 0
     for (label, _), s in zip(samples.items(), finite, strict=True):
         if s.size:
             ax.hist(s, bins=bins, range=(lo, hi), histtype="step", label=label, log=True)
+            drawn += 1
+    if not drawn:
+        ax.text(
+            0.5,
+            0.5,
+            "no data (a single frame per LED has no scatter)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("pixels")
     ax.set_title(title)
-    if len(samples) <= 12:
+    if 0 < drawn <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

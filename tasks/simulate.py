@@ -8,9 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import xarray as xr
+from astropy.table import Table
+
 from sim.badfiles import write_bad_files
+from sim.catalogsim import CatalogSurvey
 from sim.config import SurveyConfig, make_config
 from sim.survey import Survey, write_raw
+from tasks.io.store import write_group
 from tasks.io.truth import write_truth
 
 
@@ -90,3 +96,37 @@ def simulate_survey(
         bad_files=damaged,
         wall_s=time.perf_counter() - t0,
     )
+
+
+# -- catalog-level surveys (sim/catalogsim.py) written as the photometry stage would --
+
+
+def write_catalog_survey(store: str | os.PathLike, survey: CatalogSurvey) -> None:
+    """One nights/<night>/catalog and exposures group per night (docs/store.md)."""
+    o, ex = survey.observations, survey.exposures
+    for night, rows in survey.night_slices().items():
+        cat = xr.Dataset({k: ("obs", v[rows]) for k, v in o.items()})
+        write_group(
+            store,
+            f"nights/{night}/catalog",
+            cat,
+            attrs={"quad_nx": survey.config.quad_nx, "quad_ny": survey.config.quad_ny},
+        )
+        sel = ex["night"] == night
+        exps = xr.Dataset(
+            {k: ("exposure", ex[k][sel]) for k in ("expid", "mjd", "band", "airmass", "exptime_s")}
+        )
+        write_group(store, f"nights/{night}/exposures", exps)
+
+
+def write_catalog_refcat(path: str | os.PathLike, survey: CatalogSurvey) -> None:
+    """The survey's reference catalog (its band only; the others are NaN)."""
+    st = survey.stars
+    sel = st["in_refcat"]
+    cols = {"source_id": st["source_id"][sel], "ra": st["ra"][sel], "dec": st["dec"][sel]}
+    for b in "gri":
+        mine = b == survey.config.band
+        cols[f"{b}_mag"] = st["ref_mag"][sel] if mine else np.full(sel.sum(), np.nan)
+        cols[f"{b}_magerr"] = st["ref_magerr"][sel] if mine else np.full(sel.sum(), np.nan)
+    cols["bp_rp"] = st["bp_rp"][sel]
+    Table(cols).write(path, format="fits")

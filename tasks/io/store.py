@@ -177,8 +177,13 @@ def read_group(store: str | os.PathLike, group: str, *, load: bool = True) -> xr
     """Open a complete group as a Dataset (loaded into memory unless ``load=False``)."""
     if not group_exists(store, group):
         raise StoreError(f"{store}: group {group!r} is missing or incomplete")
-    ds = xr.open_zarr(str(store), group=_check_group_name(group), consolidated=False)
-    return ds.load() if load else ds
+    # Loaded groups are read without dask: a read inside a task running on a Dask
+    # worker would otherwise submit to that worker's own cluster and, with every
+    # worker thread busy (one worker, one thread), wait for itself forever.
+    path = _check_group_name(group)
+    if load:
+        return xr.open_zarr(str(store), group=path, consolidated=False, chunks=None).load()
+    return xr.open_zarr(str(store), group=path, consolidated=False)
 
 
 def list_groups(store: str | os.PathLike, prefix: str) -> list[str]:
@@ -288,3 +293,14 @@ def staging_committed(store: str | os.PathLike, group: str, staging: str) -> boo
         return False
     _, stage_group = _split_staging(staging)
     return stage_group is not None or not os.path.isdir(staging)
+
+
+def list_children(store: str | os.PathLike, prefix: str) -> list[str]:
+    """Names of every child group of ``prefix`` (complete or not; parents such as
+    ``nights/<night>`` carry no completion marker of their own)."""
+    prefix = _check_group_name(prefix)
+    try:
+        parent = zarr.open_group(str(store), path=prefix, mode="r")
+    except _NOT_A_GROUP:
+        return []
+    return sorted(name for name, _ in parent.groups())

@@ -8,13 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from flows.deployments import BackfillParameters, last_night
-from flows.pipeline import STAGES
+from flows.pipeline import NIGHTLY_STAGES
 
 
 def test_backfill_range_is_expanded_to_nights():
     p = BackfillParameters(start=dt.date(2026, 2, 27), end=dt.date(2026, 3, 2))
     assert p.nights() == ["2026-02-27", "2026-02-28", "2026-03-01", "2026-03-02"]
-    assert p.stages == list(STAGES)
+    assert p.stages == list(NIGHTLY_STAGES)
     assert p.overwrite is False
 
 

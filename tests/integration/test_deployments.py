@@ -55,7 +55,7 @@ def test_deployments_are_registered(stack):
     with get_client(sync_client=True) as client:
         names = {d.name for d in client.read_deployments()}
         nightly = client.read_deployment_by_name("nightly/nightly")
-    assert {"nightly", "backfill", "masters"} <= names
+    assert {"nightly", "backfill", "masters", "ubercal"} <= names
     assert nightly.schedules, "the nightly deployment has its cron schedule"
 
 

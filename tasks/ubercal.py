@@ -1,0 +1,341 @@
+"""Ubercal stage: one band over a range of nights. Reads ``nights/<night>/catalog``
+and ``nights/<night>/exposures``, anchors to the reference catalog, solves with
+:func:`calib.ubercal.solve_ubercal` and writes ``ubercal/<band>`` (BRIEF §4,
+docs/ubercal.md).
+
+The observations never sit in one table: each night's catalog is one chunk, read
+by a Dask task that returns that night's normal equations; the stage sums them
+(a tree reduction) once per outlier pass.
+
+Plots (starflat map, median residual map over the focal plane) are PNG files
+rendered with matplotlib's Agg backend and stored inside the group as uint8
+variables ``starflat_png`` and ``residual_png`` (dims ``starflat_png_bytes``,
+``residual_png_bytes``), so they travel with the solution: write them out with
+``ds.starflat_png.values.tobytes()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import dask
+import numpy as np
+import xarray as xr
+import zarr
+from prefect import task
+from pydantic import BaseModel, Field
+
+from calib.starflat import Starflat
+from calib.ubercal import (
+    ObservationChunk,
+    ReferenceStars,
+    UbercalOptions,
+    UbercalSolution,
+    solve_ubercal,
+)
+from sim.camera import Camera
+from sim.config import CameraConfig
+from tasks.io.raw import read_refcat
+from tasks.io.store import StoreError, group_exists, list_children, read_group, write_group
+
+T = TypeVar("T")
+
+_CATALOG_COLUMNS = ("expid", "quadrant", "source_id", "x", "y", "mag_inst", "mag_inst_err", "flags")
+_BRIGHT_MAG = 17.0
+
+
+class UbercalStageConfig(BaseModel):
+    """Configuration of the ubercal stage."""
+
+    band: Literal["g", "r", "i"] = Field(description="Band to calibrate.")
+    first_night: str | None = Field(
+        None, description="First night (YYYY-MM-DD, inclusive); None: the earliest in the store."
+    )
+    last_night: str | None = Field(
+        None, description="Last night (YYYY-MM-DD, inclusive); None: the latest in the store."
+    )
+    options: UbercalOptions = Field(
+        default_factory=UbercalOptions,
+        description="Fit options (calib.ubercal.UbercalOptions: zero-point mode, starflat "
+        "cells, colour term, error floor, clipping, solver, anchor).",
+    )
+    scheduler: Literal["threads", "synchronous"] = Field(
+        "threads",
+        description="Dask scheduler for the per-night passes inside this task.",
+    )
+    plots: bool = Field(True, description="Render the PNG QA plots into the group.")
+
+
+@dataclasses.dataclass(frozen=True)
+class NightCatalogs:
+    """The night catalogs of one band as an ObservationSource: ``map_reduce``
+    reads each night in a Dask task and sums the results pairwise."""
+
+    store: str
+    nights: tuple[str, ...]
+    band: str
+    scheduler: str = "threads"
+
+    def map_reduce(self, fn: Callable[[ObservationChunk], T]) -> T:
+        parts = [dask.delayed(_apply)(fn, self.store, n, self.band) for n in self.nights]
+        while len(parts) > 1:
+            pairs = [parts[i : i + 2] for i in range(0, len(parts), 2)]
+            parts = [dask.delayed(_sum)(p) if len(p) == 2 else p[0] for p in pairs]
+        (total,) = dask.compute(parts[0], scheduler=self.scheduler)
+        return total
+
+
+def _sum(parts: list[Any]) -> Any:
+    return parts[0] + parts[1]
+
+
+def _apply(fn: Callable[[ObservationChunk], T], store: str, night: str, band: str) -> T:
+    return fn(read_night_chunk(store, night, band))
+
+
+def read_night_chunk(store: str | os.PathLike, night: str, band: str) -> ObservationChunk:
+    """The observations of ``band`` in one night's catalog."""
+    cat = read_group(store, f"nights/{night}/catalog")
+    exps = read_group(store, f"nights/{night}/exposures")
+    in_band = exps.expid.values[np.array([str(b) for b in exps.band.values]) == band]
+    rows = np.isin(cat.expid.values, in_band)
+    return ObservationChunk.from_mapping({c: cat[c].values for c in _CATALOG_COLUMNS}, rows)
+
+
+def _select_nights(store: str, first: str | None, last: str | None) -> list[str]:
+    """Nights in range whose catalog and exposures groups are complete (the night
+    group itself is only a parent, without a completion marker)."""
+    try:
+        parent = zarr.open_group(store, path="nights", mode="r")
+        names = sorted(name for name, _ in parent.groups())
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        names = []
+    nights = [
+        n
+        for n in names
+        if (first is None or n >= first)
+        and (last is None or n <= last)
+        and group_exists(store, f"nights/{n}/catalog")
+        and group_exists(store, f"nights/{n}/exposures")
+    ]
+    if not nights:
+        raise StoreError(
+            f"{store}: no night catalogs between {first or 'the first'} and "
+            f"{last or 'the last'} night under nights/"
+        )
+    return nights
+
+
+def _quadrant_shape(store: str, nights: list[str]) -> tuple[int, int]:
+    shapes = set()
+    for n in nights:
+        attrs = read_group(store, f"nights/{n}/catalog", load=False).attrs
+        if "quad_nx" not in attrs or "quad_ny" not in attrs:
+            raise StoreError(f"{store}: nights/{n}/catalog lacks the quad_nx/quad_ny attrs")
+        shapes.add((int(attrs["quad_nx"]), int(attrs["quad_ny"])))
+    if len(shapes) != 1:
+        raise StoreError(f"{store}: night catalogs disagree on the quadrant size: {sorted(shapes)}")
+    return shapes.pop()
+
+
+def _reference(refcat_path: str | os.PathLike, band: str) -> ReferenceStars:
+    ref = read_refcat(refcat_path)
+    return ReferenceStars(
+        source_id=np.asarray(ref.source_id),
+        mag=np.asarray(getattr(ref, f"{band}_mag"), dtype=np.float64),
+        mag_err=np.asarray(getattr(ref, f"{band}_magerr"), dtype=np.float64),
+        bp_rp=np.asarray(ref.bp_rp, dtype=np.float64),
+    )
+
+
+def run_ubercal_stage(
+    store: str | os.PathLike, refcat_path: str | os.PathLike, config: UbercalStageConfig
+) -> dict[str, Any]:
+    """Calibrate one band over a range of nights and write ``ubercal/<band>``.
+
+    Parameters
+    ----------
+    store : str or path
+        The photocal store holding ``nights/<night>/catalog`` and ``exposures``.
+    refcat_path : str or path
+        Reference catalog (FITS or ECSV, BRIEF §3).
+    config : UbercalStageConfig
+
+    Returns
+    -------
+    dict
+        ``group`` written, ``nights``, and the fit statistics.
+    """
+    store = os.fspath(store)
+    nights = _select_nights(store, config.first_night, config.last_night)
+    quad_nx, quad_ny = _quadrant_shape(store, nights)
+    source = NightCatalogs(store, tuple(nights), config.band, config.scheduler)
+    solution = solve_ubercal(
+        source,
+        quad_nx=quad_nx,
+        quad_ny=quad_ny,
+        reference=_reference(refcat_path, config.band),
+        options=config.options,
+    )
+    ds = solution_dataset(solution, plots=config.plots)
+    group = f"ubercal/{config.band}"
+    write_group(
+        store,
+        group,
+        ds,
+        attrs={
+            "config": config.model_dump(mode="json"),
+            "inputs": {"nights": nights, "refcat": os.fspath(refcat_path)},
+        },
+    )
+    return {"group": group, "nights": nights, **solution.stats.as_dict()}
+
+
+@task(name="ubercal", retries=0)
+def ubercal_task(store: str, refcat_path: str, config: UbercalStageConfig) -> dict[str, Any]:
+    """Prefect task: :func:`run_ubercal_stage`."""
+    return run_ubercal_stage(store, refcat_path, config)
+
+
+def qa_numbers(solution: UbercalSolution) -> dict[str, float]:
+    """Scalar QA of a solution: repeatability of bright stars, residual-map and
+    starflat spread, zero-point errors."""
+    bright = np.isfinite(solution.star_rms_mag) & (solution.star_mag < _BRIGHT_MAG)
+    res = solution.qa.residual_median_mag
+    out = {
+        "repeatability_bright_median_mag": float(np.median(solution.star_rms_mag[bright]))
+        if bright.any()
+        else float("nan"),
+        "repeatability_bright_limit_mag": _BRIGHT_MAG,
+        "residual_map_rms_mag": float(np.nanstd(res)),
+        "residual_map_max_abs_mag": float(np.nanmax(np.abs(res))),
+        "zp_err_median_mag": float(np.nanmedian(solution.zp_err_mag)),
+    }
+    if solution.starflat is not None:
+        out["starflat_rms_mag"] = float(np.nanstd(solution.starflat.dzp_mag))
+        out["starflat_err_median_mag"] = float(np.nanmedian(solution.starflat.dzp_err_mag))
+    return out
+
+
+def solution_dataset(solution: UbercalSolution, *, plots: bool = True) -> xr.Dataset:
+    """The ``ubercal/<band>`` group content (BRIEF §4) of a solution."""
+    sol = solution
+    opt = sol.options
+    qa = sol.qa
+    edges = qa.repeatability_mag_bins
+    data: dict[str, Any] = {
+        "zp": (("expid", "quadrant"), sol.zp_mag),
+        "zp_err": (("expid", "quadrant"), sol.zp_err_mag),
+        "star_mag": (("source_id",), sol.star_mag),
+        "star_mag_err": (("source_id",), sol.star_mag_err),
+        "star_n_obs": (("source_id",), sol.star_n_obs),
+        "star_rms": (("source_id",), sol.star_rms_mag),
+        "star_rejected": (("source_id",), sol.star_rejected),
+        "residual_median": (("quadrant", "qa_y", "qa_x"), qa.residual_median_mag),
+        "repeatability_median": (("mag_bin",), qa.repeatability_median_mag),
+        "repeatability_n_stars": (("mag_bin",), qa.repeatability_n_stars),
+    }
+    if sol.starflat is not None:
+        data["starflat"] = (("quadrant", "cell_y", "cell_x"), sol.starflat.dzp_mag)
+        data["starflat_err"] = (("quadrant", "cell_y", "cell_x"), sol.starflat.dzp_err_mag)
+    if sol.colour_term is not None:
+        data["colour_term"] = (("quadrant",), sol.colour_term)
+        data["colour_term_err"] = (("quadrant",), sol.colour_term_err)
+    quad_nx = sol.starflat.quad_nx if sol.starflat is not None else None
+    if plots and sol.starflat is not None:
+        for name, png in _plots(sol, sol.starflat).items():
+            data[name] = ((f"{name}_bytes",), np.frombuffer(png, dtype=np.uint8))
+    ds = xr.Dataset(
+        data,
+        coords={
+            "expid": sol.expids,
+            "quadrant": sol.quadrants,
+            "source_id": sol.source_ids,
+            "mag_bin": 0.5 * (edges[1:] + edges[:-1]),
+        },
+    )
+    ds["zp"].attrs["units"] = "mag"
+    ds["zp"].attrs["convention"] = "m = m_inst + zp + starflat"
+    ds.attrs.update(
+        {
+            "fit_statistics": sol.stats.as_dict(),
+            "qa": qa_numbers(sol),
+            "options": opt.as_dict(),
+            "quad_nx": quad_nx,
+            "quad_ny": sol.starflat.quad_ny if sol.starflat is not None else None,
+            "starflat_gauge": sol.starflat.gauge if sol.starflat is not None else None,
+            "plots": "PNG bytes in the *_png variables" if plots else "none",
+        }
+    )
+    return ds
+
+
+def _plots(sol: UbercalSolution, sf: Starflat) -> dict[str, bytes]:
+    """Focal-plane maps of the starflat and of the median residuals, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    camera = Camera(
+        CameraConfig(quad_nx=sf.quad_nx, quad_ny=sf.quad_ny, ccd_gap_px=sf.quad_nx // 40)
+    )
+    out = {}
+    for name, maps, title in (
+        ("starflat_png", sf.dzp_mag, "starflat dzp [mmag]"),
+        ("residual_png", sol.qa.residual_median_mag, "median residual [mmag]"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 5.5), dpi=100)
+        lim = float(np.nanpercentile(np.abs(maps), 99)) * 1e3 if np.isfinite(maps).any() else 1.0
+        im = None
+        for q, img in zip(sol.quadrants, maps, strict=True):
+            if int(q) not in camera.by_id:
+                continue
+            g = camera.by_id[int(q)]
+            im = ax.imshow(
+                img * 1e3,
+                origin="lower",
+                extent=(g.x0, g.x0 + g.nx, g.y0, g.y0 + g.ny),
+                cmap="RdBu_r",
+                vmin=-lim,
+                vmax=lim,
+            )
+        ax.set_xlim(0, camera.mosaic_nx)
+        ax.set_ylim(0, camera.mosaic_ny)
+        ax.set_title(title)
+        ax.set_xlabel("mosaic x [px]")
+        ax.set_ylabel("mosaic y [px]")
+        if im is not None:
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        out[name] = buf.getvalue()
+    return out
+
+
+def write_png(ds: xr.Dataset, name: str, path: str | os.PathLike) -> Path:
+    """Write a stored plot (``'starflat_png'`` or ``'residual_png'``) to a file."""
+    if name not in ds:
+        raise KeyError(
+            f"name: {name!r} is not a plot of this group ({[v for v in ds if v.endswith('_png')]})"
+        )
+    path = Path(path)
+    path.write_bytes(ds[name].values.astype(np.uint8).tobytes())
+    return path
+
+
+@task(name="bands-observed")
+def bands_observed_task(store: str, nights: list[str] | None) -> list[str]:
+    """Bands with catalogs among ``nights`` (every night with a catalog by default)."""
+    have = [n for n in list_children(store, "nights") if group_exists(store, f"nights/{n}/catalog")]
+    wanted = have if nights is None else [n for n in have if n in nights]
+    bands: set[str] = set()
+    for night in wanted:
+        bands.update(str(b) for b in read_group(store, f"nights/{night}/exposures").band.values)
+    return sorted(bands)

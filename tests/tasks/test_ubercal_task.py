@@ -1,0 +1,90 @@
+"""The ubercal stage end to end on a store filled with catalog-level simulated
+night catalogs: read nights/*/catalog, anchor to the refcat, write ubercal/<band>."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calib.ubercal import UbercalOptions
+from sim.catalogsim import CatalogSurveyConfig, simulate_catalog_survey
+from tasks.io.store import StoreError, read_group
+from tasks.simulate import write_catalog_refcat, write_catalog_survey
+from tasks.ubercal import UbercalStageConfig, run_ubercal_stage, write_png
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ubercal")
+    survey = simulate_catalog_survey(
+        CatalogSurveyConfig(
+            seed=7,
+            n_fields_x=2,
+            n_fields_y=1,
+            visits_per_field=6,
+            n_nights=3,
+            stars_per_quadrant=1500.0,
+            mag_range=(13.0, 19.0),
+            dither_fraction=0.15,
+        )
+    )
+    store = root / "store.zarr"
+    write_catalog_survey(store, survey)
+    refcat = root / "refcat.fits"
+    write_catalog_refcat(refcat, survey)
+    return survey, store, refcat
+
+
+def test_stage_writes_the_ubercal_group(filled, tmp_path):
+    survey, store, refcat = filled
+    out = run_ubercal_stage(store, refcat, UbercalStageConfig(band="r"))
+    assert out["group"] == "ubercal/r"
+    assert len(out["nights"]) == 3
+    ds = read_group(store, "ubercal/r")
+    assert ds.zp.dims == ("expid", "quadrant")
+    assert ds.starflat.dims == ("quadrant", "cell_y", "cell_x")
+    assert ds.star_mag.dims == ("source_id",)
+    np.testing.assert_array_equal(np.sort(ds.expid.values), survey.exposures["expid"])
+    stats = ds.attrs["fit_statistics"]
+    assert 0.9 < stats["chi2_per_dof"] < 1.15
+    assert stats["iterations"] >= 2
+    assert stats["n_rejected"] > 0
+    assert ds.attrs["config"]["band"] == "r"
+    assert ds.attrs["config"]["options"]["zp_mode"] == "exposure_quadrant"
+    assert ds.attrs["inputs"]["nights"] == out["nights"]
+    assert ds.attrs["qa"]["repeatability_bright_median_mag"] < 0.01
+    # Zero points match the truth after the gauge offset, within their errors.
+    rows = np.searchsorted(survey.exposures["expid"], ds.expid.values)
+    truth = survey.zp_true[rows][:, ds.quadrant.values]
+    truth = truth + survey.starflat_true[ds.quadrant.values].mean(axis=(1, 2))[None]
+    d = ds.zp.values - truth
+    d -= d.mean()
+    assert np.sqrt(np.mean((d / ds.zp_err.values) ** 2)) < 1.3
+    # The plots are PNG files.
+    for name in ("starflat_png", "residual_png"):
+        png = write_png(ds, name, tmp_path / f"{name}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_night_range_selects_catalogs(filled):
+    survey, store, refcat = filled
+    nights = sorted(set(survey.exposures["night"]))
+    out = run_ubercal_stage(
+        store,
+        refcat,
+        UbercalStageConfig(
+            band="r", first_night=nights[1], plots=False, options=UbercalOptions(cells=(4, 4))
+        ),
+    )
+    assert out["nights"] == nights[1:]
+    ds = read_group(store, "ubercal/r")
+    assert set(ds.expid.values) == set(
+        survey.exposures["expid"][survey.exposures["night"] != nights[0]]
+    )
+    assert "starflat_png" not in ds
+
+
+def test_no_catalogs_in_range(filled):
+    _, store, refcat = filled
+    with pytest.raises(StoreError, match="no night catalogs"):
+        run_ubercal_stage(store, refcat, UbercalStageConfig(band="r", first_night="2030-01-01"))
