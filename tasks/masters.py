@@ -42,7 +42,7 @@ from tasks.io.store import (
     staging_committed,
     write_region,
 )
-from tasks.qa import plot_histograms, plot_quadrant_maps, qa_dir
+from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_dir
 
 HOT, DEAD = np.uint8(1), np.uint8(2)
 
@@ -446,6 +446,11 @@ def frame_levels(parts: list[dict[str, dict[int, float]]]) -> dict[str, float]:
     return {path: float(np.mean(list(per_q.values()))) for path, per_q in merged.items()}
 
 
+# Bins of the daily / master flat ratio histograms (0.05 % wide; values beyond
+# +-3 %, tens of photon-noise sigmas at dome-flat levels, land in the end bins).
+RATIO_EDGES = np.linspace(0.97, 1.03, 121)
+
+
 def flat_template(plan: PeriodPlan, band: str) -> xr.Dataset:
     nq, (ny, nx) = len(plan.quadrants), plan.shape
     leds = sorted(plan.flats[band])
@@ -462,6 +467,14 @@ def flat_template(plan: PeriodPlan, band: str) -> xr.Dataset:
             "ratio_median": (("quadrant", "led", "night"), per(len(leds), len(nights))),
             "ratio_rms": (("quadrant", "led", "night"), per(len(leds), len(nights))),
             "ratio_outlier_fraction": (("quadrant", "led", "night"), per(len(leds), len(nights))),
+            "ratio_hist": (
+                ("quadrant", "led", "night", "ratio_bin"),
+                _lazy(
+                    (nq, len(leds), len(nights), len(RATIO_EDGES) - 1),
+                    "i8",
+                    (1, len(leds), len(nights), len(RATIO_EDGES) - 1),
+                ),
+            ),
             "residual_sigma_median": (("quadrant", "led"), per(len(leds))),
             "n_dead": (("quadrant",), _lazy((nq,), "i8", (1,))),
         },
@@ -469,6 +482,7 @@ def flat_template(plan: PeriodPlan, band: str) -> xr.Dataset:
             "quadrant": np.array(plan.quadrants, dtype=np.int64),
             "led": np.array(leds, dtype=np.int64),
             "night": np.array(nights, dtype=object),
+            "ratio_bin": 0.5 * (RATIO_EDGES[1:] + RATIO_EDGES[:-1]),
         },
     )
 
@@ -495,6 +509,7 @@ def build_flat_quadrants(
         b_img, hot = b.bias.values, (b.defects.values & HOT) != 0
         led_masters, resid_maps = [], []
         ratio = np.full((3, len(leds), len(nights)), np.nan)
+        ratio_hist = np.zeros((len(leds), len(nights), len(RATIO_EDGES) - 1), dtype=np.int64)
         resid_median = np.full(len(leds), np.nan)
         for j, led in enumerate(leds):
             paths = [p for p, _ in plan.flats[band][led]]
@@ -519,13 +534,18 @@ def build_flat_quadrants(
                 level_e = np.mean([levels[paths[k]] for k in ks])
                 frame_noise = 1.0 / np.sqrt(np.clip(level_e * m.center, 1.0, None))
                 expected = frame_noise * np.sqrt(1.0 / len(ks) + 1.0 / len(norm))
-                _, st = flat_ratio_stats(
+                pixel_ratio, st = flat_ratio_stats(
                     daily,
                     m.center,
                     expected_sigma=np.where(expected > 0, expected, np.inf),
                     good=~hot,
                 )
-                ratio[:, j, nights.index(night)] = (st.median, st.robust_rms, st.outlier_fraction)
+                n = nights.index(night)
+                ratio[:, j, n] = (st.median, st.robust_rms, st.outlier_fraction)
+                r = pixel_ratio[~hot & np.isfinite(pixel_ratio)]
+                ratio_hist[j, n] = np.histogram(
+                    np.clip(r, RATIO_EDGES[0], RATIO_EDGES[-1]), bins=RATIO_EDGES
+                )[0]
         center = np.nanmean([m.center for m in led_masters], axis=0)
         unc = np.sqrt(np.nansum([m.uncertainty**2 for m in led_masters], axis=0)) / len(led_masters)
         nfr = np.sum([m.nframes for m in led_masters], axis=0).astype(np.int16)
@@ -548,6 +568,7 @@ def build_flat_quadrants(
                 "ratio_median": (("quadrant", "led", "night"), ratio[0][None]),
                 "ratio_rms": (("quadrant", "led", "night"), ratio[1][None]),
                 "ratio_outlier_fraction": (("quadrant", "led", "night"), ratio[2][None]),
+                "ratio_hist": (("quadrant", "led", "night", "ratio_bin"), ratio_hist[None]),
                 "residual_sigma_median": (("quadrant", "led"), resid_median[None]),
                 "n_dead": (("quadrant",), [int(dead.sum())]),
             }
@@ -587,7 +608,9 @@ def commit_flat(
         flat_maps[name] = scaled.flat.values[0, ::4, ::4] - 1.0
         if i < 8:
             sigma_samples[name] = piece.residual_sigma.values[0][~bad][::16]
-    small = ds[["ratio_median", "ratio_rms", "ratio_outlier_fraction", "n_dead"]].load()
+    small = ds[
+        ["ratio_median", "ratio_rms", "ratio_outlier_fraction", "ratio_hist", "n_dead"]
+    ].load()
     ratios = {
         f"LED {led}": small.ratio_median.sel(led=led).values.ravel() for led in small.led.values
     }
@@ -606,6 +629,19 @@ def commit_flat(
                 qa / "residual_sigma.png",
                 title="per-pixel residual sigma of the flat stack",
                 xlabel="sigma_i",
+                empty_note="no data (a single frame per LED has no scatter)",
+            )
+        ),
+        "ratio_hist": str(
+            plot_binned_histograms(
+                {
+                    f"LED {led}": small.ratio_hist.sel(led=led).sum(("quadrant", "night")).values
+                    for led in small.led.values
+                },
+                RATIO_EDGES,
+                qa / "ratio_hist.png",
+                title=f"daily / master flat {band} {plan.period}, all quadrants and nights",
+                xlabel="ratio (end bins hold everything beyond)",
             )
         ),
     }

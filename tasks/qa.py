@@ -49,23 +49,52 @@ def plot_quadrant_maps(
 
 
 def plot_histograms(
-    samples: Mapping[str, np.ndarray], path: Path, *, title: str, xlabel: str, bins: int = 80
+    samples: Mapping[str, np.ndarray],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    bins: int = 80,
+    empty_note: str = "no data",
 ) -> Path:
     """Overlaid histograms (log counts), one per label."""
-    fig, ax = plt.subplots(figsize=(6, 4))
     finite = [s[np.isfinite(s)] for s in samples.values()]
     lo = min((np.percentile(s, 0.1) for s in finite if s.size), default=0.0)
     hi = max((np.percentile(s, 99.9) for s in finite if s.size), default=1.0)
+    edges = np.linspace(lo, hi, bins + 1)
+    counts = {
+        label: np.histogram(s, bins=edges)[0] if s.size else np.zeros(bins, dtype=np.int64)
+        for label, s in zip(samples, finite, strict=True)
+    }
+    return plot_binned_histograms(
+        counts, edges, path, title=title, xlabel=xlabel, empty_note=empty_note
+    )
+
+
+def plot_binned_histograms(
+    counts: Mapping[str, np.ndarray],
+    edges: np.ndarray,
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    empty_note: str = "no data",
+) -> Path:
+    """Overlaid histograms already binned on ``edges`` (log counts), one per label;
+    labels without counts are left out."""
+    fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
-    for (label, _), s in zip(samples.items(), finite, strict=True):
-        if s.size:
-            ax.hist(s, bins=bins, range=(lo, hi), histtype="step", label=label, log=True)
+    for label, c in counts.items():
+        if np.sum(c) > 0:
+            ax.stairs(c, edges, label=label)
             drawn += 1
-    if not drawn:
+    if drawn:
+        ax.set_yscale("log")
+    else:
         ax.text(
             0.5,
             0.5,
-            "no data (a single frame per LED has no scatter)",
+            empty_note,
             ha="center",
             va="center",
             transform=ax.transAxes,

@@ -112,6 +112,30 @@ def test_master_flat_reaches_its_photon_noise_floor(survey, one_period):
     np.testing.assert_allclose(q_means, t_means, rtol=5e-4)
 
 
+def test_flat_ratio_histograms(one_period):
+    """Daily / master flat ratio: a histogram per (quadrant, LED, night) over the
+    pixels the stability numbers use, centred on the stored median, and a PNG."""
+    store, _ = one_period
+    (period,) = list_groups(store, "masters/flat/r")
+    master = read_group(store, f"masters/flat/r/{period}")
+    bias = read_group(store, f"masters/bias/{period}")
+    hist = master.ratio_hist.values  # (quadrant, led, night, bin)
+    centres = master.ratio_bin.values
+    width = centres[1] - centres[0]
+    for i in range(len(master.quadrant)):
+        not_hot = int(((bias.defects.values[i] & 1) == 0).sum())
+        for j in range(len(master.led)):
+            for n in range(len(master.night)):
+                h = hist[i, j, n]
+                assert h.sum() == not_hot
+                cum = np.cumsum(h)
+                median = centres[np.searchsorted(cum, cum[-1] / 2)]
+                assert abs(median - master.ratio_median.values[i, j, n]) <= width
+    png = store.parent / f"{store.name}.qa" / "masters" / "flat" / "r" / period / "ratio_hist.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert master.attrs["plots"]["ratio_hist"] == str(png)
+
+
 def test_defects_are_found(survey, one_period):
     store, _ = one_period
     (period,) = list_groups(store, "masters/flat/r")
