@@ -11,8 +11,12 @@ from hypothesis import strategies as st
 
 from calib.ubercal import (
     DisconnectedGraphError,
+    InMemoryObservations,
     ObservationChunk,
     UbercalOptions,
+    _pair_sums,
+    accumulate_normal_equations,
+    build_layout,
     solve_ubercal,
 )
 from sim.catalogsim import CatalogSurvey, CatalogSurveyConfig, simulate_catalog_survey
@@ -272,3 +276,69 @@ def test_inputs_checked():
         )
     with pytest.raises(TypeError, match="observations must be"):
         solve_ubercal([1, 2], quad_nx=10, quad_ny=10)  # type: ignore[arg-type]
+
+
+def test_normal_equations_match_the_dense_design(small_survey):
+    """The chunked, bincount-built equations equal J^T W J of an explicit design
+    matrix, for an arbitrary subset of observations given in the chunk's order."""
+    s = small_survey
+    chunk = ObservationChunk.from_mapping(s.observations)
+    opts = UbercalOptions(colour_term=True, cells=(3, 3))
+    layout = build_layout(
+        InMemoryObservations([chunk]),
+        quad_nx=s.config.quad_nx,
+        quad_ny=s.config.quad_ny,
+        reference=s.reference_stars(),
+        options=opts,
+    )
+    use = np.random.default_rng(3).random(len(chunk)) < 0.3
+    ne = accumulate_normal_equations(chunk, layout, use=use)
+
+    ix = layout.index(chunk)
+    k = np.flatnonzero(use & ix.valid & (s.observations["flags"] == 0))
+    n, npp = len(k), layout.n_param
+    J = np.zeros((n, npp))
+    rows = np.arange(n)
+    g = layout.gradient_start + 2 * ix.exp[k]
+    for col, coef in (
+        (ix.zp[k], 1.0),
+        (layout.n_zp + ix.cell[k], 1.0),
+        (layout.colour_slice.start + ix.iq[k], layout.colour[ix.star[k]]),
+        (g, ix.fx[k]),
+        (g + 1, ix.fy[k]),
+    ):
+        np.add.at(J, (rows, col), -coef)
+    err = s.observations["mag_inst_err"][k]
+    w = 1.0 / (err**2 + opts.error_floor_mag**2)
+    scale = np.abs(J.T @ (J * w[:, None])).max()
+    np.testing.assert_allclose(ne.app.toarray(), J.T @ (J * w[:, None]), atol=1e-12 * scale)
+    Js = np.zeros((n, layout.n_star))
+    Js[rows, ix.star[k]] = 1.0
+    np.testing.assert_allclose(ne.aps.toarray(), J.T @ (Js * w[:, None]), atol=1e-12 * scale)
+    np.testing.assert_allclose(ne.star_w, Js.T @ w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    na=st.integers(1, 3000),
+    nb=st.integers(1, 3000),
+    n=st.integers(0, 200),
+    seed=st.integers(0, 2**16),
+)
+def test_pair_sums_bincount_and_sort_paths(na, nb, n, seed):
+    """Sums per (a, b) pair, whichever path the key space picks (a dense bincount
+    up to 4 M keys, a sort above), equal a plain dictionary sum."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, na, n), rng.integers(0, nb, n)
+    v = rng.random(n) + 0.1
+    expect: dict[tuple[int, int], float] = {}
+    for i, j, x in zip(a.tolist(), b.tolist(), v.tolist(), strict=True):
+        expect[i, j] = expect.get((i, j), 0.0) + x
+    for scale in (1, 1 << 23):  # 2^23 x the key space is always past the bincount limit
+        ra, rb, rv = _pair_sums(a * scale, na * scale, b, nb, v)
+        got = {
+            (i // scale, j): x
+            for i, j, x in zip(ra.tolist(), rb.tolist(), rv.tolist(), strict=True)
+        }
+        assert got.keys() == expect.keys()
+        np.testing.assert_allclose([got[key] for key in expect], list(expect.values()))
