@@ -109,9 +109,7 @@ def focal_plane(workers: int, workdir: str | None) -> None:
     if not os.path.isdir(raw):
         t0 = time.perf_counter()
         sim = simulate_survey(work + "/sim", cfg, jobs=workers)
-        print(
-            f"simulated {sim.n_files} focal-plane exposures in {time.perf_counter() - t0:.0f} s"
-        )
+        print(f"simulated {sim.n_files} focal-plane exposures in {time.perf_counter() - t0:.0f} s")
     store = os.path.join(work, f"photocal-{int(time.time())}.zarr")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_api():

@@ -1,5 +1,6 @@
-"""Orchestration overhead: the `small` preset's index + masters stages through the
-Prefect flow on Dask, against the same functions called in a plain loop.
+"""Orchestration overhead: the `small` preset's per-night stages (index, masters,
+reduce + photometry) through the Prefect flow on Dask, against the same functions
+called in a plain loop.
 
     python benchmarks/orchestration.py [--workdir DIR]
 
@@ -23,21 +24,24 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def plain_loop(raw: str, store: str) -> None:
-    """index + masters with no Prefect and no Dask: the same functions, in order."""
+def plain_loop(raw: str, store: str, refcat: str) -> None:
+    """The per-night stages with no Prefect and no Dask: the same functions, in order."""
     from tasks.index import index_sequentially
     from tasks.masters import build_masters_sequentially
+    from tasks.reduce import reduce_night
 
-    index_sequentially(raw, store)
+    nights = index_sequentially(raw, store)
     build_masters_sequentially(store)
+    for night in nights:
+        reduce_night(store, night, refcat, raw_root=raw)
 
 
-def through_flow(raw: str, store: str, workers: int) -> None:
-    from flows.pipeline import photocal_run
+def through_flow(raw: str, store: str, refcat: str, workers: int) -> None:
+    from flows.pipeline import NIGHTLY_STAGES, photocal_run
     from flows.runners import make_task_runner
 
     photocal_run.with_options(task_runner=make_task_runner(workers=workers))(
-        store=store, raw=raw, stages=["index", "masters"]
+        store=store, raw=raw, refcat=refcat, stages=list(NIGHTLY_STAGES)
     )
 
 
@@ -52,19 +56,20 @@ def main() -> None:
     from tasks.simulate import simulate_survey
 
     raw = work / "sim" / "raw"
+    refcat = str(work / "sim" / "refcat.fits")
     if not raw.is_dir():
         t0 = time.perf_counter()
         simulate_survey(work / "sim", preset="small", jobs=2)
         print(f"simulated the small preset in {time.perf_counter() - t0:.0f} s")
     with prefect_api():
         t0 = time.perf_counter()
-        plain_loop(str(raw), str(work / "loop.zarr"))
+        plain_loop(str(raw), str(work / "loop.zarr"), refcat)
         t_loop = time.perf_counter() - t0
         t0 = time.perf_counter()
-        through_flow(str(raw), str(work / "flow1.zarr"), workers=1)
+        through_flow(str(raw), str(work / "flow1.zarr"), refcat, workers=1)
         t_flow = time.perf_counter() - t0
         t0 = time.perf_counter()
-        through_flow(str(raw), str(work / "flow2.zarr"), workers=2)
+        through_flow(str(raw), str(work / "flow2.zarr"), refcat, workers=2)
         t_flow2 = time.perf_counter() - t0
     overhead = (t_flow - t_loop) / t_flow
     print(f"plain loop (no Prefect, no Dask):  {t_loop:7.1f} s")

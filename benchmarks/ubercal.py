@@ -134,7 +134,10 @@ def design_matrix(s: CatalogSurvey, options: UbercalOptions):
     vals = [np.ones(n), -np.ones(n), -np.ones(n), -ix.fx[good], -ix.fy[good]]
     rows = [np.arange(n)] * 5
     y = s.observations["mag_inst"][good] * sw
-    prior = layout.prior_equations(np.bincount(ix.star[good], minlength=ns))
+    star_n = np.bincount(ix.star[good], minlength=ns)
+    prior = layout.prior_equations(
+        star_n, layout.anchor_stars(star_n, np.bincount(ix.star[good], sw**2, ns))
+    )
     use = np.flatnonzero(prior.star_w > 0)
     psw = np.sqrt(prior.star_w[use])
     col = layout.ref_bp_rp[use] - options.colour_pivot

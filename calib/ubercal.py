@@ -184,6 +184,14 @@ class UbercalOptions:
         (colour-term mismatch, catalog systematics) for ``anchor='prior'``.
     anchor_bp_rp_range : (float, float), mag
         Colours of the reference stars used for the anchor.
+    anchor_max_obs_err_mag : float, mag
+        Only stars whose typical observation error ``sqrt(n_obs / sum w)``, the
+        error floor taken out in quadrature, is at most this anchor the solution. Faint stars'
+        instrumental magnitudes carry the photometry's additive biases (light of
+        undetected sources in the aperture: a fixed number of electrons, so a
+        bias that grows as the flux falls); letting thousands of them vote on the
+        global level moved it by 7 mmag on the ``small`` preset (docs/ubercal.md).
+        0.02 mag is S/N ~ 55.
     anchor_clip_sigma : float
         Clipping of ``m_ref - m_s`` in the anchor.
     error_samples : int
@@ -218,6 +226,7 @@ class UbercalOptions:
     anchor: Literal["prior", "offset"] = "prior"
     anchor_scatter_mag: float = 0.01
     anchor_bp_rp_range: tuple[float, float] = (0.5, 1.5)
+    anchor_max_obs_err_mag: float = 0.02
     anchor_clip_sigma: float = 3.0
     error_samples: int = 64
     chunk_size: int = 2_000_000
@@ -242,7 +251,13 @@ class UbercalOptions:
         for name in ("error_floor_mag", "clip_tolerance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("clip_sigma", "star_clip_sigma", "anchor_clip_sigma", "anchor_scatter_mag"):
+        for name in (
+            "clip_sigma",
+            "star_clip_sigma",
+            "anchor_clip_sigma",
+            "anchor_scatter_mag",
+            "anchor_max_obs_err_mag",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in (
@@ -484,17 +499,28 @@ class UbercalLayout:
         """1 when the reference catalog enters as a prior (its colour coefficient)."""
         return int(self.options.anchor == "prior" and self.has_reference)
 
-    def prior_equations(self, star_n: np.ndarray) -> NormalEquations:
-        """The reference catalog as observations of the star magnitudes,
-        ``m_s - a (bp_rp_s - pivot) = m_ref_s`` with weight
-        ``1 / (ref_err^2 + anchor_scatter^2)``, for stars with data and a colour in
-        ``anchor_bp_rp_range``; ``a`` (the colour term between the natural and
-        the reference systems) is the last parameter."""
+    def anchor_stars(self, star_n: np.ndarray, star_w: np.ndarray) -> np.ndarray:
+        """Stars that tie the solution to the reference catalog: observed, with a
+        reference magnitude, a colour in ``anchor_bp_rp_range`` and observations
+        precise to ``anchor_max_obs_err_mag`` (from the data's ``star_n`` and
+        ``sum w``, which includes the error floor), shape (n_star,) bool."""
         opt = self.options
         lo, hi = opt.anchor_bp_rp_range
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"):
             use = (star_n > 0) & np.isfinite(self.ref_mag) & (self.ref_bp_rp >= lo)
             use &= self.ref_bp_rp <= hi
+            use &= star_n <= star_w * (opt.anchor_max_obs_err_mag**2 + opt.error_floor_mag**2)
+        return use
+
+    def prior_equations(self, star_n: np.ndarray, anchor: np.ndarray) -> NormalEquations:
+        """The reference catalog as observations of the star magnitudes,
+        ``m_s - a (bp_rp_s - pivot) = m_ref_s`` with weight
+        ``1 / (ref_err^2 + anchor_scatter^2)``, for the ``anchor`` stars (see
+        :meth:`anchor_stars`) that still have data (``star_n > 0``); ``a`` (the
+        colour term between the natural and the reference systems) is the last
+        parameter."""
+        opt = self.options
+        use = anchor & (star_n > 0)
         w = np.where(
             use, 1.0 / (np.nan_to_num(self.ref_mag_err) ** 2 + opt.anchor_scatter_mag**2), 0.0
         )
@@ -861,13 +887,16 @@ def _pair_sums(
 class _PassStatistics:
     """Residual statistics of a pass: per star over its usable observations
     (clipped ones included: ``star_*_all``, for the variability test) and over the
-    used ones (repeatability), plus QA histograms. Sums, except ``star_max``."""
+    used ones (repeatability), plus QA histograms. Sums, except ``star_max*``
+    (the observation with the largest ``w r^2``: the one a star may lose)."""
 
     star_w_all: np.ndarray  # (n_star,) sum w
     star_wr_all: np.ndarray  # (n_star,) sum w r
     star_chi2_all: np.ndarray  # (n_star,) sum w r^2
     star_n_all: np.ndarray  # (n_star,) count
     star_max: np.ndarray  # (n_star,) largest w r^2
+    star_max_w: np.ndarray  # (n_star,) w of that observation
+    star_max_wr: np.ndarray  # (n_star,) w r of that observation
     star_r1: np.ndarray  # (n_star,) sum r over used observations
     star_r2: np.ndarray  # (n_star,) sum r^2 over used observations
     star_nobs: np.ndarray  # (n_star,) observations used
@@ -876,9 +905,12 @@ class _PassStatistics:
 
     def __add__(self, other: _PassStatistics) -> _PassStatistics:
         summed = {f: getattr(self, f) + getattr(other, f) for f in _STAT_SUMS}
+        theirs = other.star_max > self.star_max
         return _PassStatistics(
             **summed,
-            star_max=np.maximum(self.star_max, other.star_max),
+            star_max=np.where(theirs, other.star_max, self.star_max),
+            star_max_w=np.where(theirs, other.star_max_w, self.star_max_w),
+            star_max_wr=np.where(theirs, other.star_max_wr, self.star_max_wr),
             counts={k: self.counts[k] + other.counts[k] for k in self.counts},
         )
 
@@ -933,16 +965,32 @@ def _selected(
         n = len(prep.w)
         return prep.good & star_ok, np.zeros(n, dtype=bool), np.full(n, np.nan)
     r = _model_residual(params, prep, layout)
-    # A residual's variance is sigma^2 (1 - h), h = w / W_star its leverage on the
-    # star magnitude: without it, stars with 2-3 observations would never clip.
-    star_w = params.star_weight[np.where(prep.good, prep.ix.star, 0)]
-    lev = prep.w / np.maximum(star_w, 1e-300)
+    # The solution does not say which observations it was fitted on, so both
+    # normalisations are formed. Fitted, a residual's variance is sigma^2 (1 - h),
+    # h = w / W_star its leverage on the star magnitude (without it, stars with 2-3
+    # observations would never clip); left out, sigma^2 (1 + h). The second is
+    # the smaller |z|, and an observation whose left-out |z| exceeds the threshold
+    # is clipped whichever it was. In the band between the two only the star's
+    # worst observation (in this chunk) goes: one cosmic-ray hit drags the mean
+    # of a few observations far enough to put the good ones past 5 sigma, and
+    # clipping them all at once left a star with one observation that the next
+    # pass (h = 1) put back, a cycle. Left out, an observation's z equals the one
+    # it had when fitted, so what is clipped stays clipped.
+    star = np.where(prep.good, prep.ix.star, 0)
+    lev = prep.w / np.maximum(params.star_weight[star], 1e-300)
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = r * np.sqrt(prep.w / np.clip(1.0 - lev, 1e-3, None))
-    z = np.where((lev > 0.999) & np.isfinite(r), 0.0, z)
+        z_in = np.abs(r) * np.sqrt(prep.w / np.clip(1.0 - lev, 1e-3, None))
+        z_out = np.abs(r) * np.sqrt(prep.w / (1.0 + lev))
+    clip = layout.options.clip_sigma
+    cand = prep.good & star_ok & np.isfinite(z_in)
+    worst = np.zeros(layout.n_star)
+    np.maximum.at(worst, star[cand], z_in[cand])
     # No residual (star or parameter left unsolved by the last clipping): stay out,
     # or the observation would flip back in and out at every pass.
-    clipped = prep.good & star_ok & ~(np.abs(z) <= layout.options.clip_sigma)
+    # Ties within rounding count as the worst: a star's two fitted observations
+    # always have the same |z|, and which one is bad cannot be told.
+    is_worst = z_in >= worst[star] * (1.0 - 1e-6)
+    clipped = prep.good & star_ok & (~(z_out <= clip) | ((z_in > clip) & is_worst))
     return prep.good & star_ok & ~clipped, clipped, r
 
 
@@ -981,6 +1029,8 @@ def _run_pass(
         star_chi2_all=zeros,
         star_n_all=np.zeros(ns, dtype=np.int64),
         star_max=zeros,
+        star_max_w=zeros,
+        star_max_wr=zeros,
         star_r1=zeros,
         star_r2=zeros,
         star_nobs=np.bincount(s, minlength=ns).astype(np.int64),
@@ -1003,8 +1053,12 @@ def _run_pass(
         hist = np.bincount(prep.ix.qa[k][sel] * _QA_HIST_BINS + b, minlength=nqa * _QA_HIST_BINS)
         a = np.flatnonzero((used | clipped) & np.isfinite(r))
         sa, wa, ra = prep.ix.star[a], prep.w[a], r[a]
+        chi = wa * ra * ra
         star_max = np.zeros(ns)
-        np.maximum.at(star_max, sa, wa * ra * ra)
+        np.maximum.at(star_max, sa, chi)
+        # The observation that holds its star's maximum (the first one, on a tie).
+        at_max = np.flatnonzero(chi == star_max[sa])
+        first = at_max[np.unique(sa[at_max], return_index=True)[1]]
         stats = dataclasses.replace(
             stats,
             star_w_all=np.bincount(sa, weights=wa, minlength=ns),
@@ -1012,6 +1066,8 @@ def _run_pass(
             star_chi2_all=np.bincount(sa, weights=wa * ra * ra, minlength=ns),
             star_n_all=np.bincount(sa, minlength=ns).astype(np.int64),
             star_max=star_max,
+            star_max_w=np.bincount(sa[first], weights=wa[first], minlength=ns),
+            star_max_wr=np.bincount(sa[first], weights=wa[first] * ra[first], minlength=ns),
             star_r1=np.bincount(s, weights=rk, minlength=ns),
             star_r2=np.bincount(s, weights=rk * rk, minlength=ns),
             qa_hist=hist.reshape(nqa, _QA_HIST_BINS),
@@ -1030,6 +1086,7 @@ class _Solved:
     method: str
     factor: object  # (L, True) with L the clean lower Cholesky factor, or SuperLU
     n_free: int
+    prior_ne: NormalEquations | None  # the reference prior's part of ``ne``
 
 
 def _inverse_star_weight(star_w: np.ndarray) -> np.ndarray:
@@ -1127,14 +1184,16 @@ def _gauge_pins(layout: UbercalLayout, active: np.ndarray, diag: np.ndarray) -> 
 def _solve(
     data: NormalEquations,
     layout: UbercalLayout,
+    anchor: np.ndarray,
     prior: _Solved | None = None,
     changed: NormalEquations | None = None,
 ) -> _Solved:
-    """Solve the equations ``data``; with ``prior`` (the previous solve) and
-    ``changed`` (the change of the equations since), by updating its Schur
-    complement."""
+    """Solve the equations ``data`` with the reference prior on the ``anchor``
+    stars; with ``prior`` (the previous solve) and ``changed`` (the change of the
+    equations since), by updating its Schur complement."""
     opt = layout.options
-    ne = data + layout.prior_equations(data.star_n) if layout.n_anchor else data
+    prior_ne = layout.prior_equations(data.star_n, anchor) if layout.n_anchor else None
+    ne = data if prior_ne is None else data + prior_ne
     stars = None
     if changed is not None:
         stars = np.flatnonzero((np.diff(changed.aps.indptr) > 0) | (changed.star_n != 0))
@@ -1181,7 +1240,7 @@ def _solve(
     p[~active] = np.nan
     star_mag = _back_substitute(ne, p, inv_d, active)
     params = _Parameters(p=p, star_mag=star_mag, star_weight=ne.star_w)
-    return _Solved(ne, S, params, active, free, method, factor, len(fi))
+    return _Solved(ne, S, params, active, free, method, factor, len(fi), prior_ne)
 
 
 def _singular_error() -> UbercalError:
@@ -1207,17 +1266,20 @@ def _back_substitute(
 
 
 def _rejected_stars(stats: _PassStatistics, sigma: float) -> np.ndarray:
-    """Variable stars: the chi2 of all their usable observations about their
-    weighted mean, less the largest single contribution, is ``sigma`` above its
-    expectation (Wilson-Hilferty normal equivalent, n - 2 degrees of freedom).
+    """Variable stars: the chi2 of their usable observations but the worst about
+    those observations' weighted mean is ``sigma`` above its expectation
+    (Wilson-Hilferty normal equivalent, n - 2 degrees of freedom).
 
     Clipped observations count, or a variable star would lose its extreme points
-    to the clipping and pass; the largest one does not, so that one cosmic-ray hit
-    does not cost its star. Centring on the mean makes the test independent of
-    the star magnitude of the solution the pass used.
+    to the clipping and pass; the worst one (largest ``w r^2``) is left out of the
+    sums *and of the mean*, so that one cosmic-ray hit does not cost its star
+    (removing only its own term would leave the mean it dragged, and with five
+    observations that alone exceeds 5 sigma). Centring on the mean makes the test
+    independent of the star magnitude of the solution the pass used.
     """
-    w = np.where(stats.star_w_all > 0, stats.star_w_all, 1.0)
-    chi2 = stats.star_chi2_all - stats.star_wr_all**2 / w - stats.star_max
+    s0 = stats.star_w_all - stats.star_max_w
+    s1 = stats.star_wr_all - stats.star_max_wr
+    chi2 = stats.star_chi2_all - stats.star_max - s1**2 / np.where(s0 > 0, s0, 1.0)
     dof = stats.star_n_all - 2
     ok = dof >= 1
     k = np.where(ok, dof, 1).astype(np.float64)
@@ -1460,6 +1522,7 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
     previous: _Parameters | None = None
     solved: _Solved | None = None
     ne: NormalEquations | None = None
+    anchor = np.zeros(layout.n_star, dtype=bool)
     converged = False
     passes = 0
     while True:
@@ -1477,14 +1540,21 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
                     # A handful of observations flip across the threshold and back
                     # at every pass: stable. Solve once more to match the selection.
                     ne = (cast(NormalEquations, ne) + result.delta).pruned(copy=False)
-                    solved = _solve(ne, layout, prior=solved, changed=result.delta)
+                    solved = _solve(ne, layout, anchor, prior=solved, changed=result.delta)
                 converged = True
                 break
         if final:
             break
         delta = cast(NormalEquations, result.delta)
-        ne = delta if ne is None else (ne + delta).pruned(copy=False)
-        solved = _solve(ne, layout, prior=solved, changed=delta if solved else None)
+        if ne is None:
+            # The anchor stars are chosen once, from all usable observations: a
+            # set that followed the clipping would feed back into it (a star at
+            # the error threshold moving in and out at every pass).
+            ne = delta
+            anchor = layout.anchor_stars(ne.star_n, ne.star_w)
+        else:
+            ne = (ne + delta).pruned(copy=False)
+        solved = _solve(ne, layout, anchor, prior=solved, changed=delta if solved else None)
         previous, current = current, solved.params
         before, rejected = rejected, rejected | newly
     if solved is None:
@@ -1520,14 +1590,14 @@ def _finish(
     chi2_prior = 0.0
     if layout.n_anchor:
         offset, offset_err = 0.0, mean_zp_err
-        prior = layout.prior_equations(ne.star_n)
+        prior = cast(NormalEquations, solved.prior_ne)
         use = prior.star_w > 0
         n_anchor = int(np.count_nonzero(use))
         a = solved.params.p[-1] * (layout.ref_bp_rp[use] - opt.colour_pivot)
         r_ref = solved.params.star_mag[use] - layout.ref_mag[use] - a
         chi2_prior = float(np.nansum(prior.star_w[use] * r_ref**2))
     else:
-        offset, offset_err, n_anchor = _anchor(layout, star_mag, ne.star_w)
+        offset, offset_err, n_anchor = _anchor(layout, star_mag, ne.star_n, ne.star_w)
     p[:nz] += offset
     star_mag += offset
 
@@ -1610,16 +1680,15 @@ def _finish(
 
 
 def _anchor(
-    layout: UbercalLayout, star_mag: np.ndarray, star_w: np.ndarray
+    layout: UbercalLayout, star_mag: np.ndarray, star_n: np.ndarray, star_w: np.ndarray
 ) -> tuple[float, float, int]:
     """Offset ``a`` such that ``m_s + a`` matches the reference catalog."""
     opt = layout.options
     if not layout.has_reference:
         return 0.0, 0.0, 0
     lo, hi = opt.anchor_bp_rp_range
+    use = layout.anchor_stars(star_n, star_w) & np.isfinite(star_mag)
     with np.errstate(invalid="ignore", divide="ignore"):
-        use = np.isfinite(star_mag) & np.isfinite(layout.ref_mag) & (star_w > 0)
-        use &= (layout.ref_bp_rp >= lo) & (layout.ref_bp_rp <= hi)
         var = np.where(
             use, np.nan_to_num(layout.ref_mag_err) ** 2 + 1.0 / np.where(use, star_w, 1.0), np.inf
         )
@@ -1627,7 +1696,9 @@ def _anchor(
     if np.count_nonzero(use) < 3:
         raise UbercalError(
             "reference: fewer than 3 observed reference stars with colours in "
-            f"anchor_bp_rp_range={lo, hi}; the zero points cannot be anchored"
+            f"anchor_bp_rp_range={lo, hi} and observation errors <= "
+            f"anchor_max_obs_err_mag={opt.anchor_max_obs_err_mag}; the zero points cannot "
+            "be anchored"
         )
     for _ in range(10):
         w = np.where(use, 1.0 / var, 0.0)

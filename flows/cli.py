@@ -289,6 +289,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.pipeline import NIGHTLY_STAGES
+    from tasks.io.truth import score_ubercal
     from tasks.simulate import simulate_survey
 
     work = args.workdir
@@ -312,13 +314,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store=str(store),
         raw=str(res.raw),
         nights=None,
-        stages=None,
+        stages=[*NIGHTLY_STAGES, "ubercal"],
         workers=args.workers,
         refcat=str(res.refcat),
     )
     print(f"      done in {time.perf_counter() - t1:.1f} s")
     print_summary(summary)
     print(f"truth store for scoring: {res.truth}")
+    for band in summary.get("ubercal", {}):
+        sc = score_ubercal(store, res.truth, band)
+        print(
+            f"  ubercal/{band} zero points vs the simulator's truth ({sc['n']}): "
+            f"offset {sc['offset_mmag']:+.1f} mmag, rms about it {sc['rms_centred_mmag']:.1f} "
+            f"mmag, own errors {sc['err_median_mmag']:.1f} mmag (median), "
+            f"pull rms {sc['pull_rms']:.2f}"
+        )
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -109,6 +109,11 @@ class PhotometryConfig(BaseModel):
         64, ge=4, description="Background2D mesh size on the surface-brightness image, px."
     )
     background_filter: int = Field(3, ge=1, description="Median filter over meshes (odd).")
+    background_estimator: Literal["mean", "median"] = Field(
+        "mean",
+        description="Sky level per mesh after clipping and source masking: the clipped mean "
+        "(unbiased for apertures when faint undetected sources skew the sky) or the median.",
+    )
     crowd_max_contamination: float = Field(
         1e-3,
         gt=0,
@@ -286,6 +291,7 @@ def photometer_exposure(
             apcorr_min_snr=pc.apcorr_min_snr,
             background_box_px=pc.background_box_px,
             background_filter=pc.background_filter,
+            background_estimator=pc.background_estimator,
             crowd_max_contamination=pc.crowd_max_contamination,
             crowd_moffat_beta=pc.crowd_moffat_beta,
             centroid_min_snr=pc.centroid_min_snr,

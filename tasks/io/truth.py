@@ -253,3 +253,34 @@ def _maps(s: Survey):
                 attrs={"units": "ADU", "meaning": "overscan-subtracted bias structure"},
             ),
         )
+
+
+def score_ubercal(store: str | os.PathLike, truth: str | os.PathLike, band: str) -> dict:
+    """``ubercal/<band>`` of a store against the simulator's truth store.
+
+    The solution's gauge puts each quadrant's mean starflat into its zero points,
+    so the truth compared with is ``zp + mean over the quadrant of the true
+    starflat``. Returns the zero points' rms against it (mmag; with and without
+    the common offset), the median of their own errors, their pull rms after the
+    offset is removed, the offset itself, and how many were compared.
+    """
+    sol = xr.open_zarr(os.fspath(store), group=f"ubercal/{band}", consolidated=False, chunks=None)
+    zp_truth = xr.open_zarr(os.fspath(truth), group="zp", consolidated=False, chunks=None)
+    starflat = xr.open_zarr(
+        os.fspath(truth), group=f"maps/starflat/{band}", consolidated=False, chunks=None
+    ).starflat
+    expid, quadrant = sol.expid.values, sol.quadrant.values
+    level = starflat.sel(quadrant=quadrant).mean(("y", "x")).values
+    t = zp_truth.zp.sel(expid=expid, quadrant=quadrant).values + level[None]
+    d = sol.zp.values - t
+    ok = np.isfinite(d)
+    offset = float(np.mean(d[ok]))
+    centred = d[ok] - offset
+    return {
+        "n": int(ok.sum()),
+        "offset_mmag": 1e3 * offset,
+        "rms_mmag": 1e3 * float(np.sqrt(np.mean(d[ok] ** 2))),
+        "rms_centred_mmag": 1e3 * float(np.sqrt(np.mean(centred**2))),
+        "err_median_mmag": 1e3 * float(np.median(sol.zp_err.values[ok])),
+        "pull_rms": float(np.sqrt(np.mean((centred / sol.zp_err.values[ok]) ** 2))),
+    }

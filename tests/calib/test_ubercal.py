@@ -254,7 +254,7 @@ def test_error_floor_enters_in_quadrature(small_survey):
     a = solve(small_survey, error_floor_mag=0.002, **opts)
     b = solve(small_survey, error_floor_mag=0.02, **opts)
     bright = np.isfinite(a.star_mag_err) & np.isfinite(b.star_mag_err) & (a.star_mag < 15)
-    n = a.star_n_obs[bright]
+    n = b.star_n_obs[bright]
     assert np.all(b.star_mag_err[bright] >= 0.02 / np.sqrt(n) * 0.99)
     assert np.median(b.star_mag_err[bright]) > 3 * np.median(a.star_mag_err[bright])
 
