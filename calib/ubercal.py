@@ -757,16 +757,26 @@ class NormalEquations:
             star_n=(factor * self.star_n).astype(np.int64),
         )
 
-    def pruned(self, *, copy: bool = True) -> NormalEquations:
+    def pruned(self, *, copy: bool = True, stars: np.ndarray | None = None) -> NormalEquations:
         """Exact zeros where observations were added and removed again: a star
         without observations gets no weight (not a rounding residue, whose inverse
         would be huge), and cancelled couplings no longer link the graph.
-        ``copy=False`` prunes these matrices in place (for a fresh sum)."""
+        ``copy=False`` prunes these matrices in place (for a fresh sum); with
+        ``stars`` only those columns of the coupling block are looked at (the
+        ones a change touched: the block is the largest array of the solve) and
+        their residues are set to zero in place."""
         none = self.star_n == 0
         app, aps = (self.app.copy(), self.aps.copy()) if copy else (self.app, self.aps)
-        for m in (app, aps):
-            m.data[np.abs(m.data) < _PRUNE_WEIGHT] = 0.0
-            m.eliminate_zeros()
+        app.data[np.abs(app.data) < _PRUNE_WEIGHT] = 0.0
+        app.eliminate_zeros()
+        if stars is None:
+            aps.data[np.abs(aps.data) < _PRUNE_WEIGHT] = 0.0
+            aps.eliminate_zeros()
+        else:
+            start, stop = aps.indptr[stars], aps.indptr[stars + 1]
+            k = np.repeat(start - np.cumsum(np.concatenate(([0], stop - start)))[:-1], stop - start)
+            k += np.arange(len(k))
+            aps.data[k[np.abs(aps.data[k]) < _PRUNE_WEIGHT]] = 0.0
         return dataclasses.replace(
             self,
             star_w=np.where(none, 0.0, self.star_w),
@@ -1182,18 +1192,16 @@ def _gauge_pins(layout: UbercalLayout, active: np.ndarray, diag: np.ndarray) -> 
 
 
 def _solve(
-    data: NormalEquations,
+    ne: NormalEquations,
     layout: UbercalLayout,
-    anchor: np.ndarray,
+    prior_ne: NormalEquations | None,
     prior: _Solved | None = None,
     changed: NormalEquations | None = None,
 ) -> _Solved:
-    """Solve the equations ``data`` with the reference prior on the ``anchor``
-    stars; with ``prior`` (the previous solve) and ``changed`` (the change of the
+    """Solve the equations ``ne`` (the reference prior ``prior_ne`` included);
+    with ``prior`` (the previous solve) and ``changed`` (the change of the
     equations since), by updating its Schur complement."""
     opt = layout.options
-    prior_ne = layout.prior_equations(data.star_n, anchor) if layout.n_anchor else None
-    ne = data if prior_ne is None else data + prior_ne
     stars = None
     if changed is not None:
         stars = np.flatnonzero((np.diff(changed.aps.indptr) > 0) | (changed.star_n != 0))
@@ -1521,7 +1529,8 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
     current: _Parameters | None = None
     previous: _Parameters | None = None
     solved: _Solved | None = None
-    ne: NormalEquations | None = None
+    ne: NormalEquations | None = None  # the data's equations and the prior's
+    prior_ne: NormalEquations | None = None
     anchor = np.zeros(layout.n_star, dtype=bool)
     converged = False
     passes = 0
@@ -1539,8 +1548,8 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
                 if changed and result.delta is not None:
                     # A handful of observations flip across the threshold and back
                     # at every pass: stable. Solve once more to match the selection.
-                    ne = (cast(NormalEquations, ne) + result.delta).pruned(copy=False)
-                    solved = _solve(ne, layout, anchor, prior=solved, changed=result.delta)
+                    ne, prior_ne, change = _updated(ne, prior_ne, result.delta, layout, anchor)
+                    solved = _solve(ne, layout, prior_ne, prior=solved, changed=change)
                 converged = True
                 break
         if final:
@@ -1550,16 +1559,41 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
             # The anchor stars are chosen once, from all usable observations: a
             # set that followed the clipping would feed back into it (a star at
             # the error threshold moving in and out at every pass).
-            ne = delta
-            anchor = layout.anchor_stars(ne.star_n, ne.star_w)
+            anchor = layout.anchor_stars(delta.star_n, delta.star_w)
+            if layout.n_anchor:
+                prior_ne = layout.prior_equations(delta.star_n, anchor)
+                ne = delta + prior_ne
+            else:
+                ne = delta
+            solved = _solve(ne, layout, prior_ne)
         else:
-            ne = (ne + delta).pruned(copy=False)
-        solved = _solve(ne, layout, anchor, prior=solved, changed=delta if solved else None)
+            ne, prior_ne, change = _updated(ne, prior_ne, delta, layout, anchor)
+            solved = _solve(ne, layout, prior_ne, prior=solved, changed=change)
         previous, current = current, solved.params
         before, rejected = rejected, rejected | newly
     if solved is None:
         raise UbercalError("max_iterations left no pass to solve")
     return _finish(stats, solved, layout, rejected, passes, converged)
+
+
+def _updated(
+    ne: NormalEquations | None,
+    prior_ne: NormalEquations | None,
+    delta: NormalEquations,
+    layout: UbercalLayout,
+    anchor: np.ndarray,
+) -> tuple[NormalEquations, NormalEquations | None, NormalEquations]:
+    """The equations after a pass's change ``delta``: (total, prior, change). The
+    prior follows the stars that lost or regained all their observations, so only
+    small pieces are added before the one sum with the (large) total."""
+    total = cast(NormalEquations, ne)
+    change = delta
+    if prior_ne is not None:
+        new_prior = layout.prior_equations(total.star_n + delta.star_n, anchor)
+        change = delta + (new_prior - prior_ne)
+        prior_ne = new_prior
+    touched = np.flatnonzero(np.diff(change.aps.indptr) > 0)
+    return (total + change).pruned(copy=False, stars=touched), prior_ne, change
 
 
 def _finish(
@@ -1771,9 +1805,19 @@ def _parameter_variances(
     # Var(A_sp p) per star from the samples (exact covariance would need one solve per star).
     ne = solved.ne
     aps_t = ne.aps.T.tocsr()
-    proj = aps_t @ np.nan_to_num(samples)
+    # Blocks of samples in threads (scipy releases the GIL in the product); only
+    # the sums of squares are kept (the projections are n_star x k: 1 GB at 10 M
+    # observations).
+    blocks = np.array_split(np.nan_to_num(samples), max(opt.threads, 1), axis=1)
+
+    def sum_sq(block: np.ndarray) -> np.ndarray:
+        proj = aps_t @ block
+        return np.einsum("ij,ij->i", proj, proj)
+
+    with concurrent.futures.ThreadPoolExecutor(len(blocks)) as pool:
+        total = functools.reduce(operator.add, pool.map(sum_sq, blocks))
     inv_d = np.divide(1.0, ne.star_w, out=np.zeros_like(ne.star_w), where=ne.star_w > 0)
-    star_var_p = (proj * proj).mean(axis=1) * inv_d**2
+    star_var_p = total / k * inv_d**2
     return var, star_var_p, mean_zp_err
 
 
