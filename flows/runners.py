@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dask
 import yaml
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
@@ -21,6 +22,11 @@ class ClusterSpec(BaseModel):
         default_factory=dict, description="Its keyword arguments."
     )
     adapt_kwargs: dict[str, Any] | None = Field(None, description="Adaptive scaling, or null.")
+    dask_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dask configuration (dotted keys) set in this process before the "
+        "cluster starts, e.g. the environment its worker processes are spawned with.",
+    )
 
 
 def load_cluster_spec(name_or_path: str) -> ClusterSpec:
@@ -63,6 +69,8 @@ def make_task_runner(
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     spec = load_cluster_spec(cluster)
+    if spec.dask_config:
+        dask.config.set(spec.dask_config)
     kwargs = dict(spec.cluster_kwargs)
     if workers is not None:
         kwargs["n_workers"] = workers
