@@ -757,32 +757,27 @@ class NormalEquations:
             star_n=(factor * self.star_n).astype(np.int64),
         )
 
-    def pruned(self, *, copy: bool = True, stars: np.ndarray | None = None) -> NormalEquations:
+    def pruned(self, stars: np.ndarray) -> NormalEquations:
         """Exact zeros where observations were added and removed again: a star
         without observations gets no weight (not a rounding residue, whose inverse
         would be huge), and cancelled couplings no longer link the graph.
-        ``copy=False`` prunes these matrices in place (for a fresh sum); with
-        ``stars`` only those columns of the coupling block are looked at (the
-        ones a change touched: the block is the largest array of the solve) and
-        their residues are set to zero in place."""
+
+        Prunes these matrices *in place* (use it on a fresh sum): all of the
+        parameter block, and of the coupling block -- the largest array of the
+        solve -- only the columns of ``stars``, the ones a change touched, whose
+        residues are set to zero without compacting the matrix."""
         none = self.star_n == 0
-        app, aps = (self.app.copy(), self.aps.copy()) if copy else (self.app, self.aps)
+        app, aps = self.app, self.aps
         app.data[np.abs(app.data) < _PRUNE_WEIGHT] = 0.0
         app.eliminate_zeros()
-        if stars is None:
-            aps.data[np.abs(aps.data) < _PRUNE_WEIGHT] = 0.0
-            aps.eliminate_zeros()
-        else:
-            start, stop = aps.indptr[stars], aps.indptr[stars + 1]
-            k = np.repeat(start - np.cumsum(np.concatenate(([0], stop - start)))[:-1], stop - start)
-            k += np.arange(len(k))
-            aps.data[k[np.abs(aps.data[k]) < _PRUNE_WEIGHT]] = 0.0
+        start, stop = aps.indptr[stars], aps.indptr[stars + 1]
+        k = np.repeat(start - np.cumsum(np.concatenate(([0], stop - start)))[:-1], stop - start)
+        k += np.arange(len(k))
+        aps.data[k[np.abs(aps.data[k]) < _PRUNE_WEIGHT]] = 0.0
         return dataclasses.replace(
             self,
             star_w=np.where(none, 0.0, self.star_w),
             star_b=np.where(none, 0.0, self.star_b),
-            app=app,
-            aps=aps,
         )
 
 
@@ -1593,7 +1588,7 @@ def _updated(
         change = delta + (new_prior - prior_ne)
         prior_ne = new_prior
     touched = np.flatnonzero(np.diff(change.aps.indptr) > 0)
-    return (total + change).pruned(copy=False, stars=touched), prior_ne, change
+    return (total + change).pruned(touched), prior_ne, change
 
 
 def _finish(

@@ -26,7 +26,6 @@ from typing import Any, Literal, TypeVar
 import dask
 import numpy as np
 import xarray as xr
-import zarr
 from prefect import task
 from pydantic import BaseModel, Field
 
@@ -110,14 +109,9 @@ def read_night_chunk(store: str | os.PathLike, night: str, band: str) -> Observa
 def _select_nights(store: str, first: str | None, last: str | None) -> list[str]:
     """Nights in range whose catalog and exposures groups are complete (the night
     group itself is only a parent, without a completion marker)."""
-    try:
-        parent = zarr.open_group(store, path="nights", mode="r")
-        names = sorted(name for name, _ in parent.groups())
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-        names = []
     nights = [
         n
-        for n in names
+        for n in list_children(store, "nights")
         if (first is None or n >= first)
         and (last is None or n <= last)
         and group_exists(store, f"nights/{n}/catalog")

@@ -16,7 +16,7 @@ import xarray as xr
 
 from sim.config import BANDS
 from sim.survey import Survey
-from tasks.io.store import write_group
+from tasks.io.store import read_group, write_group
 
 
 def _provenance(survey: Survey) -> dict:
@@ -264,11 +264,9 @@ def score_ubercal(store: str | os.PathLike, truth: str | os.PathLike, band: str)
     the common offset), the median of their own errors, their pull rms after the
     offset is removed, the offset itself, and how many were compared.
     """
-    sol = xr.open_zarr(os.fspath(store), group=f"ubercal/{band}", consolidated=False, chunks=None)
-    zp_truth = xr.open_zarr(os.fspath(truth), group="zp", consolidated=False, chunks=None)
-    starflat = xr.open_zarr(
-        os.fspath(truth), group=f"maps/starflat/{band}", consolidated=False, chunks=None
-    ).starflat
+    sol = read_group(store, f"ubercal/{band}")
+    zp_truth = read_group(truth, "zp")
+    starflat = read_group(truth, f"maps/starflat/{band}").starflat
     expid, quadrant = sol.expid.values, sol.quadrant.values
     level = starflat.sel(quadrant=quadrant).mean(("y", "x")).values
     t = zp_truth.zp.sel(expid=expid, quadrant=quadrant).values + level[None]
