@@ -7,15 +7,23 @@ sees either the old group, no group, or the complete new one. Every group also
 carries ``attrs['photocal_complete'] = True``, written last; readers treat a
 group without it as absent, which also protects object stores (fsspec URLs),
 where the group is written in place.
+
+Concurrency. Publishing a group on a local store (the directory swap) holds an
+exclusive lock on that group (:func:`group_lock`), so two runs rewriting the same
+group at once (a nightly run and a backfill) publish one after the other: the
+group ends up as one writer's complete output, never a mix, and neither fails.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -56,11 +64,59 @@ def _local_path(store: str | os.PathLike) -> Path:
     return Path(s.removeprefix("file://"))
 
 
+# One path component of a group name: letters, digits, '_', '-', '.', not starting
+# with '.'. Group names are built from user parameters (nights, bands, periods), so
+# this is what keeps them inside the store: no '..', no absolute or drive paths, no
+# backslashes, URL schemes, NULs or other characters a filesystem may interpret.
+_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
 def _check_group_name(group: str) -> str:
-    parts = group.strip("/").split("/")
-    if not group or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise ValueError(f"invalid store group name {group!r}")
+    """``group`` without surrounding slashes; ValueError unless every part is safe."""
+    parts = group.strip("/").split("/") if isinstance(group, str) else [""]
+    if not all(_NAME_PART.fullmatch(p) for p in parts):
+        raise ValueError(
+            f"invalid store group name {group!r}: parts must be letters, digits, "
+            "'_', '-' or '.', not starting with '.'"
+        )
     return "/".join(parts)
+
+
+@contextmanager
+def group_lock(store: str | os.PathLike, group: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold the lock of ``group`` of a local store (object stores: no-op).
+
+    Writers take it exclusively to publish a group; a loaded read takes it shared,
+    so it never mixes arrays of two versions. The lock is an ``flock`` on
+    ``.<store>.locks/<group>.lock`` beside the store (``/`` in the name becomes
+    ``~``, which group names cannot contain). The kernel releases it when its
+    holder exits, killed or not, so a crashed writer leaves no stale lock. Lock
+    files stay: deleting one while another process waits on it would let a third
+    lock a new file of the same name. A reader that cannot create the lock file
+    (a read-only store) reads without it.
+    """
+    group = _check_group_name(group)
+    if not _is_local(store):
+        yield
+        return
+    root = _local_path(store)
+    locks = root.parent / f".{root.name}.locks"
+    if shared and not root.is_dir():
+        yield  # nothing to read, nothing to wait for
+        return
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{group.replace('/', '~')}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _json_safe(value: Any) -> Any:
@@ -138,7 +194,15 @@ def write_group(
     try:
         ds.to_zarr(str(staging), mode="w", consolidated=False, zarr_format=3)
         zarr.open_group(str(staging), mode="r+").attrs[COMPLETE_ATTR] = True
-        target = root / group
+        _publish(store, group, staging, trash)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(store: str | os.PathLike, group: str, staging: Path, trash: Path) -> None:
+    """Swap the complete group at ``staging`` into ``store/group``, under its lock."""
+    target = _local_path(store) / group
+    with group_lock(store, group):
         if target.exists():
             target.rename(trash)
         try:
@@ -148,8 +212,6 @@ def write_group(
             if trash.exists():
                 trash.rename(target)
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -174,16 +236,27 @@ def group_exists(store: str | os.PathLike, group: str) -> bool:
 
 
 def read_group(store: str | os.PathLike, group: str, *, load: bool = True) -> xr.Dataset:
-    """Open a complete group as a Dataset (loaded into memory unless ``load=False``)."""
+    """Open a complete group as a Dataset (loaded into memory unless ``load=False``).
+
+    A loaded read holds the group's shared lock, so a concurrent rewrite cannot
+    swap versions under it; a lazy one (``load=False``) reads chunks by path later
+    and is only as stable as the group it points to.
+    """
+    path = _check_group_name(group)
+    if not load:
+        _require_complete(store, path)
+        return xr.open_zarr(str(store), group=path, consolidated=False)
+    with group_lock(store, path, shared=True):
+        _require_complete(store, path)
+        # Loaded groups are read without dask: a read inside a task running on a
+        # Dask worker would otherwise submit to that worker's own cluster and, with
+        # every worker thread busy (one worker, one thread), wait for itself forever.
+        return xr.open_zarr(str(store), group=path, consolidated=False, chunks=None).load()
+
+
+def _require_complete(store: str | os.PathLike, group: str) -> None:
     if not group_exists(store, group):
         raise StoreError(f"{store}: group {group!r} is missing or incomplete")
-    # Loaded groups are read without dask: a read inside a task running on a Dask
-    # worker would otherwise submit to that worker's own cluster and, with every
-    # worker thread busy (one worker, one thread), wait for itself forever.
-    path = _check_group_name(group)
-    if load:
-        return xr.open_zarr(str(store), group=path, consolidated=False, chunks=None).load()
-    return xr.open_zarr(str(store), group=path, consolidated=False)
 
 
 def list_groups(store: str | os.PathLike, prefix: str) -> list[str]:
@@ -262,19 +335,8 @@ def commit_group(
     node.attrs[COMPLETE_ATTR] = True
     if stage_group is not None:
         return
-    root = _local_path(store)
-    _ensure_parents(root, group)
-    target = root / group
-    trash = Path(staging).parent / f"old-{uuid.uuid4().hex}"
-    if target.exists():
-        target.rename(trash)
-    try:
-        Path(staging).rename(target)
-    except OSError:
-        if trash.exists():
-            trash.rename(target)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
+    _ensure_parents(_local_path(store), group)
+    _publish(store, group, Path(staging), Path(staging).parent / f"old-{uuid.uuid4().hex}")
 
 
 def abandon_group(staging: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -9,10 +10,13 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tasks.io.store import (
     COMPLETE_ATTR,
     StoreError,
+    _check_group_name,
     group_exists,
     list_groups,
     photocal_version,
@@ -295,6 +299,61 @@ def test_invalid_group_names(store, name):
     with pytest.raises(ValueError, match="invalid store group name"):
         group_exists(store, name)
     assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd/x",  # absolute: the slashes go, the name stays inside the store
+        "..\\..\\x",
+        "index/..\\x",
+        "C:\\x",
+        "s3://bucket/x",
+        "file:///tmp/x",
+        "index/2026-03-10\x00/x",
+        "index/~x",
+        "index/2026 03 10",
+        "index/%2e%2e",
+        "a" * 129,
+    ],
+)
+def test_group_names_from_user_parameters_are_refused(store, name):
+    if name.startswith("/etc"):
+        write_group(store, name, _dataset())
+        assert group_exists(store, "etc/passwd/x")
+        assert (store / "etc" / "passwd" / "x" / "zarr.json").is_file()
+        return
+    with pytest.raises(ValueError, match="invalid store group name"):
+        write_group(store, name, _dataset())
+    assert not store.exists()
+
+
+_PIECES = st.sampled_from(
+    ["..", ".", "/", "\\", "~", ":", "//", "\x00", "%2e", "C:", "s3://", "a", "2026-03-10", "-"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.one_of(st.text(max_size=12), st.lists(_PIECES, max_size=6).map("".join)))
+def test_no_group_name_escapes_the_store(name):
+    """Whatever a user types as a night, band or period: the name is refused, or
+    everything written lands inside the store (and its staging and lock folders)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        store = base / "s.zarr"
+        try:
+            _check_group_name(name)
+        except ValueError:
+            with pytest.raises(ValueError, match="invalid store group name"):
+                write_group(store, name, _dataset())
+            assert list(base.iterdir()) == []
+            return
+        write_group(store, name, _dataset())
+        allowed = {store, base / ".s.zarr.staging", base / ".s.zarr.locks"}
+        assert {p.resolve() for p in base.iterdir()} <= {p.resolve() for p in allowed}
+        group = name.strip("/")
+        assert (store / group).resolve().is_relative_to(store.resolve())
+        assert group_exists(store, group)
 
 
 def test_surrounding_slashes_are_ignored(store):
