@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ def index_row(raw_root: str, relpath: str, site_longitude_deg: float) -> dict[st
         "status": "ok",
         "reason": "",
         "night": UNKNOWN_NIGHT,
+        "geometry": (),
     }
     full = os.path.join(raw_root, relpath)
     try:
@@ -93,8 +94,15 @@ def index_row(raw_root: str, relpath: str, site_longitude_deg: float) -> dict[st
         led_id=-1 if h.led_id is None else h.led_id,
         n_quadrants=len(exp.quadrants),
         night=observing_night(h.mjd, site_longitude_deg),
+        geometry=tuple(
+            (q.extname, *_extent(q.datasec), *_extent(q.biassec)) for q in exp.quadrants
+        ),
     )
     return row
+
+
+def _extent(section: tuple[slice, slice]) -> tuple[int, int]:
+    return section[0].stop - section[0].start, section[1].stop - section[1].start
 
 
 def _salvage_primary(path: str) -> dict[str, Any]:
@@ -127,6 +135,34 @@ def mark_duplicate_expids(rows: list[dict[str, Any]]) -> None:
             seen[row["expid"]] = row["path"]
 
 
+def mark_odd_geometry(rows: list[dict[str, Any]]) -> None:
+    """Within a night, a file whose quadrants (names, data and overscan sizes)
+    differ from the most common layout is rejected: masters and reduction stack
+    and subtract quadrants of one shape. Ties go to the layout of the first path."""
+    by_night: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r["path"]):
+        if row["status"] == "ok":
+            by_night[row["night"]].append(row)
+    for night_rows in by_night.values():
+        counts = Counter(r["geometry"] for r in night_rows)
+        common = max(counts, key=counts.__getitem__)  # first seen wins ties
+        for row in night_rows:
+            if row["geometry"] != common:
+                row.update(
+                    status="rejected",
+                    reason=f"quadrant layout {_describe(row['geometry'])} differs from the "
+                    f"night's {_describe(common)} ({counts[common]} files)",
+                )
+
+
+def _describe(geometry: tuple[tuple[Any, ...], ...]) -> str:
+    shapes = sorted({g[1:] for g in geometry})
+    if len(shapes) == 1:
+        ny, nx, _, nb = shapes[0]
+        return f"{len(geometry)} quadrants of {ny}x{nx} + {nb} overscan columns"
+    return f"{len(geometry)} quadrants of mixed sizes"
+
+
 def rows_to_dataset(rows: list[dict[str, Any]]) -> xr.Dataset:
     rows = sorted(rows, key=lambda r: r["path"])
     col = lambda k, dtype: ("file", np.array([r[k] for r in rows], dtype=dtype))  # noqa: E731
@@ -149,9 +185,11 @@ def rows_to_dataset(rows: list[dict[str, Any]]) -> xr.Dataset:
 def group_by_night(
     rows: list[dict[str, Any]], nights: list[str] | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows per night (duplicates marked first); only ``nights`` when given, but
+    """Rows per night (duplicates and odd quadrant layouts marked first); only
+    ``nights`` when given, but
     files whose night is unknown are always kept so their rejection is recorded."""
     mark_duplicate_expids(rows)
+    mark_odd_geometry(rows)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if nights is None or r["night"] in nights or r["night"] == UNKNOWN_NIGHT:

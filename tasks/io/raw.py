@@ -2,8 +2,9 @@
 
 The input contract is ``docs/raw-fits.md``: one file per exposure, a header-only
 primary HDU and one image extension per readout quadrant. :func:`validate_file`
-checks a file against that contract from its headers alone (pixels are read only
-for float files, to reject all-non-finite data sections); :func:`read_quadrants`
+checks a file against that contract from its headers and a sample of each data
+section's rows (to reject dead, constant quadrants; float files are read in full,
+to reject all-non-finite data sections); :func:`read_quadrants`
 returns the pixels of validated quadrants split into data and overscan.
 
 Every problem with a file raises :class:`RawFileError`, whose message is one line
@@ -340,10 +341,12 @@ class RefCatalog:
 
 
 def validate_file(path: PathLike) -> RawExposure:
-    """Check a raw exposure against ``docs/raw-fits.md`` without reading its pixels.
+    """Check a raw exposure against ``docs/raw-fits.md``, reading few of its pixels.
 
-    The file is opened read-only and never modified. Pixels are read only for float
-    arrays (``BITPIX`` < 0), whose data sections must not be entirely non-finite.
+    The file is opened read-only and never modified. A few rows of each data section
+    are read to reject constant (dead) quadrants, the whole section only when those
+    rows are constant; float arrays (``BITPIX`` < 0) are read in full, as their data
+    sections must not be entirely non-finite.
 
     Parameters
     ----------
@@ -603,12 +606,14 @@ def _quadrant_header(hdu: Any, index: int, *, science: bool) -> QuadrantHeader:
     if saturate <= 0:
         raise _ContractError(f"{where}: SATURATE {saturate} is out of range (must be > 0)")
 
+    _check_pixel_type(header, where)
     datasec, biassec, detsec = _sections(header, where, shape)
     has_wcs = str(header.get("CTYPE1", "")).startswith("RA---TAN")
     if science:
         _check_science_wcs(header, where)
     if header["BITPIX"] < 0:
         _check_finite(hdu.data[datasec], where)
+    _check_not_constant(hdu, datasec, where)
 
     return QuadrantHeader(
         hdu_index=index,
@@ -702,6 +707,35 @@ def _check_science_wcs(header: fits.Header, where: str) -> None:
 def _check_finite(section: np.ndarray, where: str) -> None:
     if not np.isfinite(section).any():
         raise _ContractError(f"{where}: data section (DATASEC) is entirely non-finite")
+
+
+def _check_pixel_type(header: fits.Header, where: str) -> None:
+    bitpix, bzero, bscale = header["BITPIX"], header.get("BZERO", 0), header.get("BSCALE", 1)
+    if bitpix < 0 or (bitpix == 16 and bzero == 32768 and bscale == 1):
+        return
+    raise _ContractError(
+        f"{where}: BITPIX = {bitpix} with BZERO = {bzero}, BSCALE = {bscale} is not "
+        "unsigned 16-bit (BITPIX = 16, BZERO = 32768) nor float"
+    )
+
+
+# Rows of a data section sampled to look for a dead readout; only a section whose
+# sample is constant is read in full, so good files cost a few rows per quadrant.
+_CONSTANT_SAMPLE_ROWS = 8
+
+
+def _check_not_constant(hdu: Any, datasec: Section, where: str) -> None:
+    rows, cols = datasec
+    step = max(1, (rows.stop - rows.start) // _CONSTANT_SAMPLE_ROWS)
+    sample = hdu.section[rows.start : rows.stop : step, cols.start : cols.stop]
+    if np.ptp(sample) != 0:
+        return
+    pixels = hdu.section[rows, cols]
+    if np.ptp(pixels) == 0:
+        raise _ContractError(
+            f"{where}: data section (DATASEC) is constant (every pixel {pixels.flat[0]:g} ADU): "
+            "a dead or unread quadrant"
+        )
 
 
 def _keyword(

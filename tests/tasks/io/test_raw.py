@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 from astropy.wcs import WCS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tasks.io.raw import (
     IMAGETYP_ALIASES,
@@ -659,3 +662,99 @@ def test_read_refcat_rejects_other_files(tmp_path):
     path.write_text("source_id,ra\n1,2\n")
     with pytest.raises(RawFileError, match="neither a FITS nor an ECSV table"):
         read_refcat(path)
+
+
+# --- properties (Hypothesis) -----------------------------------------------------------
+
+_PIXEL = st.integers(min_value=1, max_value=100_000)
+_SPACE = st.sampled_from(["", " ", "  "])
+
+
+@given(x=st.tuples(_PIXEL, _PIXEL), y=st.tuples(_PIXEL, _PIXEL), pad=st.lists(_SPACE, min_size=6))
+def test_parse_section_round_trips_every_valid_section(x, y, pad):
+    (x1, x2), (y1, y2) = sorted(x), sorted(y)
+    text = f"{pad[0]}[{pad[1]}{x1}:{x2}{pad[2]},{pad[3]}{y1}:{y2}{pad[4]}]{pad[5]}"
+    rows, cols = parse_section(text)
+    assert (cols.start + 1, cols.stop, rows.start + 1, rows.stop) == (x1, x2, y1, y2)
+    # The slices cut exactly the section's pixels (a broadcast array: no memory).
+    full = np.broadcast_to(np.float32(0), (y2 + 1, x2 + 1))
+    assert full[rows, cols].shape == (y2 - y1 + 1, x2 - x1 + 1)
+
+
+_SECTION_ALPHABET = st.sampled_from([*"[]:,0123456789- +x\t", "\n", "１", "٣"])
+
+
+@given(text=st.one_of(st.text(), st.text(_SECTION_ALPHABET, max_size=20)))
+def test_parse_section_accepts_only_valid_sections(text):
+    """Any text: a valid 1-based section, or a ValueError that quotes it."""
+    stripped = text.strip()
+    well_formed = re.fullmatch(r"\[ *\d+ *: *\d+ *, *\d+ *: *\d+ *\]", stripped, re.ASCII)
+    if well_formed is None:
+        with pytest.raises(ValueError, match="section") as info:
+            parse_section(text)
+        assert repr(text) in str(info.value)
+        return
+    x1, x2, y1, y2 = (int(v) for v in re.findall(r"\d+", stripped))
+    if x1 < 1 or y1 < 1 or x2 < x1 or y2 < y1:
+        with pytest.raises(ValueError, match="section"):
+            parse_section(text)
+        return
+    assert parse_section(text) == (slice(y1 - 1, y2), slice(x1 - 1, x2))
+
+
+# Values a sequencer might put in a keyword: right and wrong types, edge numbers.
+_VALUES = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.booleans(),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
+)
+_MUTABLE = (
+    [(0, k) for k in (*SCIENCE_KEYWORDS, "LEDID", "INSTRUME")]
+    + [(1, k) for k in QUADRANT_KEYWORDS]
+    + [(1, "NAXIS1"), (2, "CTYPE1")]
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    imagetyp=st.sampled_from(["SCIENCE", "FLAT", "BIAS"]),
+    changes=st.lists(
+        st.tuples(st.sampled_from(_MUTABLE), st.one_of(st.none(), _VALUES)), min_size=1, max_size=3
+    ),
+)
+def test_any_header_damage_is_accepted_or_rejected_with_one_line(tmp_path, imagetyp, changes):
+    """Set or delete (None) up to three keywords of a valid file to arbitrary values:
+    the file validates, or is rejected with a one-line RawFileError that names it,
+    never another exception or a leaked astropy warning; values read back are the
+    values written."""
+    hdul = build_exposure(imagetyp)
+    for (hdu, key), value in changes:
+        header = hdul[hdu].header
+        if value is None:
+            header.remove(key, ignore_missing=True)
+        elif key == "NAXIS1":
+            continue  # the array fixes it; only deleting it is a header-level damage
+        else:
+            header[key] = value
+    path = tmp_path / f"h{abs(hash(repr(changes))) % 10**12}.fits"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # astropy's own write-time notes
+            hdul.writeto(path, overwrite=True, output_verify="silentfix")
+    except (fits.VerifyError, ValueError, OSError, TypeError):
+        return  # astropy refuses to write it: no file to judge
+    try:
+        exposure = validate_file(path)
+    except RawFileError:
+        rejected(path)
+        return
+    with fits.open(path) as written:
+        primary = written[0].header
+        assert exposure.header.expid == primary["EXPID"]
+        assert exposure.header.mjd == float(primary["MJD-OBS"])
+        assert exposure.header.imagetyp == IMAGETYP_ALIASES[primary["IMAGETYP"].strip().upper()]
