@@ -30,6 +30,7 @@ from tasks.masters import (
 from tasks.reduce import (
     PhotometryConfig,
     ReduceConfig,
+    check_refcat_task,
     photometer_chunk_task,
     plan_reduce_task,
     write_night_task,
@@ -73,6 +74,8 @@ def photocal_run(
         raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGES)}")
     index = index or IndexConfig()
     masters = masters or MastersConfig()
+    if refcat is not None and {"reduce", "photometry", "ubercal"} & set(stages):
+        check_refcat_task(refcat)
     summary: dict[str, Any] = {
         "store": store,
         "nights": {},

@@ -662,6 +662,16 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
+@task(name="check-refcat", retries=0)
+def check_refcat_task(refcat_path: str) -> int:
+    """Read the reference catalog once before any stage runs: a damaged one fails
+    the run at once with its one-line reason (every photometry task needs it).
+    Returns the number of reference stars."""
+    n = len(read_refcat(refcat_path))
+    _logger().info("reference catalog %s: %d stars", refcat_path, n)
+    return n
+
+
 @task(name="plan-reduce", retries=2, retry_delay_seconds=2)
 def plan_reduce_task(store: str, night: str, config: ReduceConfig) -> tuple[str, list[list[str]]]:
     """Raw root and the night's science files in chunks of ``exposures_per_task``."""
