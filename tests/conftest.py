@@ -13,8 +13,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 os.environ.pop("PREFECT_API_URL", None)
 
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
+from sim.badfiles import ALL_KINDS, write_bad_files  # noqa: E402
+from tasks.io.store import read_group  # noqa: E402
 from tasks.simulate import SimulationResult, simulate_survey  # noqa: E402
 
 TINY_SEED = 3
@@ -26,3 +31,19 @@ def tiny_survey(tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
     each kind under raw/damaged/. Read-only for tests: copy before modifying."""
     out = tmp_path_factory.mktemp("tiny")
     return simulate_survey(out, preset="tiny", seed=TINY_SEED, bad_files=True)
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(
+    tiny_survey: SimulationResult, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Path]]:
+    """A copy of the tiny raw tree with one bad file of every kind in
+    sim.badfiles.ALL_KINDS (instead of the five): (raw root, kind -> path).
+    Read-only for tests."""
+    raw = Path(shutil.copytree(tiny_survey.raw, tmp_path_factory.mktemp("corpus") / "raw"))
+    shutil.rmtree(raw / "damaged")
+    truth = read_group(tiny_survey.truth, "exposures")
+    paths, types = truth["path"].values.tolist(), truth["imagetyp"].values.tolist()
+    first = {k: raw / paths[types.index(k)] for k in ("SCIENCE", "BIAS", "FLAT")}
+    bad = write_bad_files(raw, first["SCIENCE"], first["BIAS"], first["FLAT"], kinds=ALL_KINDS)
+    return raw, bad
