@@ -42,7 +42,7 @@ from sim.instrument import Instrument
 from sim.schedule import (
     EXTINCTION_PER_AIRMASS,
     SKY_MAG_ARCSEC2,
-    _cloud_curve,  # the pixel simulator's grey-cloud curve, shared rather than copied
+    cloud_curve,  # the pixel simulator's grey-cloud curve, shared rather than copied
     night_start_mjd,
     telemetry_zp_loss_mag,
 )
@@ -282,7 +282,7 @@ def _schedule(cfg: CatalogSurveyConfig, field_step: tuple[float, float], fp_size
         t0 = night_start_mjd(night, -116.865, 20.0)
         cloudy = night_index == 1 or (night_index > 1 and rng.uniform() < cfg.cloudy_fraction)
         hours = np.linspace(0.0, 8.0, max(len(visits), 1), endpoint=False)
-        clouds = _cloud_curve(rng_for(cfg.seed, "clouds", night_index), hours)
+        clouds = cloud_curve(rng_for(cfg.seed, "clouds", night_index), hours)
         for k, (f, _v) in enumerate(visits):
             i, j = fields[f]
             cx = (i - (nfx - 1) / 2) * field_step[0]

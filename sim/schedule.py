@@ -90,7 +90,7 @@ class Exposure:
     telemetry_mag: float | None = None
 
 
-def _cloud_curve(rng: np.random.Generator, hours: np.ndarray) -> np.ndarray:
+def cloud_curve(rng: np.random.Generator, hours: np.ndarray) -> np.ndarray:
     base = rng.uniform(0.05, 0.3)
     wave = np.zeros_like(hours)
     for _ in range(4):
@@ -161,7 +161,7 @@ def _science_night(
         else np.array([span_h / 2])
     )
     hours = slots
-    clouds = _cloud_curve(rng, hours) if cloudy else np.zeros_like(hours)
+    clouds = cloud_curve(rng, hours) if cloudy else np.zeros_like(hours)
     temp0 = rng.uniform(4.0, 20.0)
     rh0 = rng.uniform(15.0, 70.0)
     half_x, half_y = mosaic_half_deg

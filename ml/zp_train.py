@@ -1,0 +1,246 @@
+"""Training and prediction for AZP-RC (and the image-only CNN, which is AZP-RC
+with two branches off).
+
+Loss (seed 000 §3.3-3.4, plus the uncertainty head):
+
+    L = MSE + lambda * ranking surrogate + Gaussian NLL of the log-variance head
+        + cross-entropy of the domain discriminator behind a gradient reversal
+
+The paper's ranking penalty counts discordant pairs, which has no gradient; the
+surrogate replaces the indicator with ``sigmoid(-(p_i - p_j) sign(y_i - y_j) /
+tau)`` over the pairs of a batch. The NLL term sees the mean detached, so the
+uncertainty head learns the error of the prediction without pulling on it.
+Offsets are handled in units of ``TARGET_SCALE_MAG`` (0.1 mag).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ml.device import best_device
+from ml.zp_features import INPUT_NAMES, TARGET_SCALE_MAG, FeatureSet, model_inputs
+from ml.zp_model import AZPRC, AZPRCConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a zero-point network is trained.
+
+    Attributes
+    ----------
+    epochs : int
+        Upper limit; training stops earlier when the validation loss has not
+        improved for ``patience`` epochs, and the best epoch's weights are kept.
+    batch_size : int
+    learning_rate, weight_decay : float
+        AdamW.
+    ranking_lambda : float
+        Weight of the ranking surrogate (paper: 0.1).
+    ranking_tau_mag : float, mag
+        Softness of the surrogate's sigmoid.
+    dann_alpha : float
+        Gradient-reversal strength (paper: 0.01); 0 switches domain adaptation off.
+    nll_weight : float
+        Weight of the uncertainty head's Gaussian NLL.
+    patience : int
+    seed : int
+        Seeds weights, dropout and batch order: the same seed and data give the
+        same model on the same device.
+    device : str or None
+        ``'cuda'``, ``'cpu'``, or None for the best available.
+    """
+
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    ranking_lambda: float = 0.1
+    ranking_tau_mag: float = 0.01
+    dann_alpha: float = 0.01
+    nll_weight: float = 0.1
+    patience: int = 8
+    seed: int = 0
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def ranking_surrogate(pred: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """Smooth discordant-pair rate over all ordered pairs with different targets
+    (0 when perfectly ordered by a wide margin, 0.5 for no information)."""
+    dp = pred.unsqueeze(0) - pred.unsqueeze(1)  # (B, B)
+    sign = torch.sign(target.unsqueeze(0) - target.unsqueeze(1))
+    pairs = sign != 0
+    if not bool(pairs.any()):
+        return pred.sum() * 0.0
+    return torch.sigmoid(-dp * sign / tau)[pairs].mean()
+
+
+def discordant_pair_rate(pred: np.ndarray, target: np.ndarray) -> float:
+    """The paper's ranking penalty itself: the fraction of pairs with different
+    targets whose predicted order is wrong."""
+    p, t = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    dp = p[None, :] - p[:, None]
+    dt = t[None, :] - t[:, None]
+    pairs = dt != 0
+    return float(np.mean((dp * dt)[pairs] < 0)) if pairs.any() else float("nan")
+
+
+def _tensors(features: FeatureSet, rows: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    arrays = model_inputs(features, rows)
+    return [torch.from_numpy(arrays[name]).to(device) for name in INPUT_NAMES]
+
+
+@dataclass(frozen=True)
+class LossParts:
+    total: torch.Tensor
+    mse: float
+    ranking: float
+    nll: float
+    domain: float
+
+
+def hybrid_loss(
+    model: AZPRC,
+    inputs: list[torch.Tensor],
+    target: torch.Tensor,
+    domain: torch.Tensor,
+    config: TrainConfig,
+) -> LossParts:
+    """The training loss of one batch (target in model units)."""
+    offset, log_var, latent = model(*inputs)
+    mse = F.mse_loss(offset, target)
+    rank = ranking_surrogate(offset, target, config.ranking_tau_mag / TARGET_SCALE_MAG)
+    resid2 = (offset.detach() - target) ** 2
+    nll = 0.5 * (log_var + resid2 * torch.exp(-log_var)).mean()
+    total = mse + config.ranking_lambda * rank + config.nll_weight * nll
+    dom = torch.zeros((), device=target.device)
+    if config.dann_alpha > 0:
+        dom = F.cross_entropy(model.domain_logits(latent, config.dann_alpha), domain)
+        total = total + dom
+    return LossParts(total, *(float(t.detach()) for t in (mse, rank, nll, dom)))
+
+
+@dataclass
+class TrainedModel:
+    """A trained network and how training went (losses per epoch, in model
+    units, the first entry, epoch -1, before any training; ``best_epoch`` is the
+    one kept)."""
+
+    model: AZPRC
+    history: list[dict[str, float]]
+    best_epoch: int
+    seconds: float
+
+
+def train_zp_network(
+    model_config: AZPRCConfig,
+    train: FeatureSet,
+    val: FeatureSet,
+    config: TrainConfig | None = None,
+) -> TrainedModel:
+    """Train AZP-RC on ``train``, keeping the weights of the best validation MSE.
+
+    Rows with a NaN target are not used. Splits must be by night
+    (ml/zp_features.split_by_night).
+    """
+    config = config or TrainConfig()
+    train = train.select(np.isfinite(train.target_mag))
+    val = val.select(np.isfinite(val.target_mag))
+    if len(train) < 2 or len(val) < 1:
+        raise ValueError(
+            f"need >= 2 training and >= 1 validation rows, got {len(train)}, {len(val)}"
+        )
+    if int(train.domain.max()) >= model_config.n_domains:
+        raise ValueError(f"domain {int(train.domain.max())} >= n_domains {model_config.n_domains}")
+    device = torch.device(config.device) if config.device else best_device()
+    torch.manual_seed(config.seed)
+    model = AZPRC(model_config).to(device)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    shuffle = np.random.default_rng(config.seed)
+    history = [{"epoch": -1, "val_mse": _val_mse(model, val, device)}]  # untrained
+    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        order = shuffle.permutation(len(train))
+        sums = np.zeros(4)
+        for lo in range(0, len(order) - 1, config.batch_size):
+            rows = order[lo : lo + config.batch_size]
+            if len(rows) < 2:
+                continue
+            target = torch.from_numpy(train.target_mag[rows] / TARGET_SCALE_MAG).float().to(device)
+            domain = torch.from_numpy(train.domain[rows].astype(np.int64)).to(device)
+            parts = hybrid_loss(model, _tensors(train, rows, device), target, domain, config)
+            optimiser.zero_grad(set_to_none=True)
+            parts.total.backward()
+            optimiser.step()
+            sums += np.array([parts.mse, parts.ranking, parts.nll, parts.domain]) * len(rows)
+        val_mse = _val_mse(model, val, device)
+        train_means = sums / len(train)
+        history.append(
+            {"epoch": epoch, "val_mse": val_mse}
+            | dict(zip(("mse", "ranking", "nll", "domain"), train_means.tolist(), strict=True))
+        )
+        if val_mse < best[0]:
+            best = (val_mse, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= config.patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    calibrate_uncertainty(model, val)
+    return TrainedModel(model, history, best[1], time.perf_counter() - start)
+
+
+def _val_mse(model: AZPRC, val: FeatureSet, device: torch.device) -> float:
+    pred, _ = predict(model, val, device=device)
+    return float(np.mean((pred - val.target_mag) ** 2)) / TARGET_SCALE_MAG**2
+
+
+@torch.no_grad()
+def calibrate_uncertainty(model: AZPRC, val: FeatureSet) -> float:
+    """Rescale the uncertainty head so that 68.3 % of the validation errors lie
+    within 1 sigma (the head, trained with early stopping on the MSE, is not
+    converged where the mean is); returns the factor applied."""
+    model.sigma_scale.fill_(1.0)
+    pred, sigma = predict(model, val)
+    ok = np.isfinite(val.target_mag) & (sigma > 0)
+    if ok.sum() < 10:
+        return 1.0
+    factor = float(np.quantile(np.abs(pred[ok] - val.target_mag[ok]) / sigma[ok], 0.6827))
+    model.sigma_scale.fill_(factor)
+    return factor
+
+
+@torch.no_grad()
+def predict(
+    model: AZPRC,
+    features: FeatureSet,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted offset and its 1-sigma uncertainty, both in mag, shape (n,)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    offsets, sigmas = [], []
+    for lo in range(0, len(features), batch_size):
+        rows = np.arange(lo, min(lo + batch_size, len(features)))
+        offset, log_var, _ = model(*_tensors(features, rows, device))
+        offsets.append(offset.float().cpu().numpy())
+        sigmas.append(torch.exp(0.5 * log_var).float().cpu().numpy())
+    model.train(was_training)
+    if not offsets:
+        return np.zeros(0), np.zeros(0)
+    scale = TARGET_SCALE_MAG
+    return np.concatenate(offsets).astype(np.float64) * scale, np.concatenate(sigmas) * scale
