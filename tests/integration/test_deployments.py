@@ -4,8 +4,10 @@ through the API with parameters, as the UI does."""
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -105,3 +107,17 @@ def test_invalid_parameters_are_refused(stack):
     assert "before start" in (run.state.message or "") + str(
         run.state.result(raise_on_failure=False)
     )
+
+
+def test_served_stack_listens_on_loopback_only(stack):
+    """The server's real sockets, not just its URL (and the worker opens none)."""
+    procs = [psutil.Process(stack.server.pid), psutil.Process(stack.worker.pid)]
+    sockets = [
+        c.laddr
+        for p in procs
+        for q in [p, *p.children(recursive=True)]
+        for c in q.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert sockets, "the server listens somewhere"
+    assert all(ipaddress.ip_address(a.ip).is_loopback for a in sockets), sockets
