@@ -6,6 +6,7 @@ from typing import Any, Literal, get_args
 
 from prefect import flow, unmapped
 
+from tasks.devices import gpu_workers_task, on_gpu_if_any
 from tasks.index import (
     IndexConfig,
     find_raw_files_task,
@@ -36,15 +37,22 @@ from tasks.reduce import (
     write_night_task,
 )
 from tasks.reports import night_report_task
+from tasks.transients import (
+    TransientsConfig,
+    score_pair_task,
+    train_transients_task,
+    write_transients_task,
+)
 from tasks.ubercal import UbercalStageConfig, bands_observed_task, ubercal_task
 
-StageName = Literal["index", "masters", "reduce", "photometry", "ubercal"]
+StageName = Literal["index", "masters", "reduce", "photometry", "ubercal", "transients"]
 STAGES: tuple[str, ...] = get_args(StageName)
 """Stages in execution order. ``reduce`` and ``photometry`` run as one step per
 exposure chunk: reduced images are not kept (unless ``keep_reduced``)."""
 NIGHTLY_STAGES: tuple[str, ...] = ("index", "masters", "reduce", "photometry")
 """What a run does by default: per-night work. ``ubercal`` fits many nights at
-once and runs when asked (its own deployment)."""
+once and runs when asked (its own deployment). ``transients`` (localisation on
+simulated reference/new pairs, docs/transients.md) also runs when asked."""
 
 
 @flow(name="photocal-run", log_prints=True)
@@ -59,6 +67,7 @@ def photocal_run(
     photometry: PhotometryConfig | None = None,
     refcat: str | None = None,
     ubercal_bands: list[str] | None = None,
+    transients: TransientsConfig | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
@@ -83,6 +92,7 @@ def photocal_run(
         "masters": {},
         "photometry": {},
         "ubercal": {},
+        "transients": {},
         "skipped": [],
     }
     if "index" in stages:
@@ -131,6 +141,8 @@ def photocal_run(
         for band in bands:
             config = UbercalStageConfig(band=band, first_night=first, last_night=last)
             summary["ubercal"][band] = ubercal_task.submit(store, refcat, config).result()
+    if "transients" in stages:
+        summary["transients"] = _transients_stage(store, nights, transients or TransientsConfig())
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
     return summary
@@ -213,3 +225,31 @@ def _photometry_stage(
         )
         out[night] = write_night_task(store, night, parts, refcat, reduce, photometry)
     return out
+
+
+def _transients_stage(
+    store: str, nights: list[str] | None, config: TransientsConfig
+) -> dict[str, Any]:
+    """Train the localiser, then score each night's pairs, on GPU workers when the
+    cluster has them; one ``transients/<night>`` group per night (all indexed
+    nights by default)."""
+    nights = nights or indexed_nights_task(store, None)
+    if not nights:
+        return {}
+    gpus = gpu_workers_task.submit().result()
+    with on_gpu_if_any(gpus):
+        model = train_transients_task.submit(config)
+        scored = {
+            night: score_pair_task.map(
+                unmapped(model),
+                unmapped(night),
+                list(range(config.pairs_per_night)),
+                unmapped(config),
+            )
+            for night in nights
+        }
+    out = {
+        night: write_transients_task.submit(store, night, parts, config).result()
+        for night, parts in scored.items()
+    }
+    return {"nights": out, "gpu_workers": gpus}
