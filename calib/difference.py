@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
+from scipy.stats import median_abs_deviation
 
 from calib.photometry import aperture_sums, estimate_background, measure_fwhm
 
@@ -46,8 +47,6 @@ __all__ = [
     "measure_magdiff",
     "subtract_images",
 ]
-
-_MAD_TO_SIGMA = 1.4826
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,7 @@ def _fit_kernel(
         coef = np.linalg.solve(a.T @ a, a.T @ b)
         chi2 = np.sum(((design @ coef - target) * weight) ** 2, axis=1) / m
         med = np.median(chi2[keep])
-        spread = _MAD_TO_SIGMA * np.median(np.abs(chi2[keep] - med))
+        spread = median_abs_deviation(chi2[keep], scale="normal")
         clip = chi2 <= med + 3.0 * max(spread, 0.05 * med)
         if np.array_equal(clip & keep, keep) or (clip & keep).sum() < 5:
             break
@@ -320,7 +319,7 @@ def subtract_images(
     )
     # Convolution correlates the matched image's noise, which the propagated
     # variance ignores: rescale the score to unit robust scatter.
-    score /= _MAD_TO_SIGMA * np.median(np.abs(score - np.median(score)))
+    score /= median_abs_deviation(score, axis=None, scale="normal")
     # Within the kernel's half-width of the border the matched image misses the
     # light of stars beyond the edge: no detections there.
     score[:kernel_half_px] = score[-kernel_half_px:] = 0.0

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as nnf
+from scipy.stats import median_abs_deviation
 from torch import nn
 
 from ml.device import best_device
 
 CUTOUT_PX = 64
-_MAD_TO_SIGMA = 1.4826
 
 
 def pair_channels(images: np.ndarray, *, softening: float = 3.0) -> np.ndarray:
@@ -67,9 +67,8 @@ def pair_channels(images: np.ndarray, *, softening: float = 3.0) -> np.ndarray:
     sky = np.median(flat, axis=2)[:, :, None, None]  # (n, 2, 1, 1)
     ref, new = images[:, 0] - sky[:, 0], images[:, 1] - sky[:, 1]
     diff = new - ref
-    dflat = diff.reshape(len(images), -1)
-    mad = np.median(np.abs(dflat - np.median(dflat, axis=1, keepdims=True)), axis=1)
-    sigma = np.maximum(_MAD_TO_SIGMA * mad / np.sqrt(2.0), 1e-3)[:, None, None]
+    scatter = median_abs_deviation(diff.reshape(len(images), -1), axis=1, scale="normal")
+    sigma = np.maximum(scatter / np.sqrt(2.0), 1e-3)[:, None, None]
     out = np.stack([ref, new, diff], axis=1) / sigma[:, None]
     return np.arcsinh(out / softening).astype(np.float32)
 
@@ -225,11 +224,7 @@ class HeatmapNet(nn.Module):
         logits = self.heatmap(x)  # (B, s, s)
         b, s = logits.shape[0], logits.shape[-1]
         logp = nnf.log_softmax(logits.reshape(b, -1), dim=1).reshape(b, s, s)
-        prob = logp.exp()
-        xy = torch.stack(
-            [(prob.sum(dim=1) * self.grid).sum(dim=1), (prob.sum(dim=2) * self.grid).sum(dim=1)],
-            dim=1,
-        )  # (B, 2) soft-argmax
+        xy = self._expectation(logp.exp())  # (B, 2) soft-argmax
         logit = torch.logsumexp(logits.reshape(b, -1), dim=1) + self.bias
         pred = torch.cat([xy, logit[:, None]], dim=1)
         if target is None:
@@ -265,9 +260,13 @@ class HeatmapNet(nn.Module):
         dist_x = (self.grid[None, :] - px[:, None]).abs() <= half
         window = dist_y[:, :, None] & dist_x[:, None, :]
         w = torch.softmax(logits.masked_fill(~window, -torch.inf).reshape(b, -1), dim=1)
-        w = w.reshape(b, s, s)
+        return self._expectation(w.reshape(b, s, s))
+
+    def _expectation(self, prob: torch.Tensor) -> torch.Tensor:
+        """(x, y) expected under per-cutout pixel weights (B, s, s) that sum to 1."""
         return torch.stack(
-            [(w.sum(dim=1) * self.grid).sum(dim=1), (w.sum(dim=2) * self.grid).sum(dim=1)], dim=1
+            [(prob.sum(dim=1) * self.grid).sum(dim=1), (prob.sum(dim=2) * self.grid).sum(dim=1)],
+            dim=1,
         )
 
 
