@@ -125,6 +125,11 @@ class DisconnectedGraphError(UbercalError):
             "observations.\n" + "\n".join(lines)
         )
 
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[np.ndarray, np.ndarray]]]]:
+        # Dask ships a task's exception back to the client by pickling it; the
+        # default would call __init__ with the message instead of the components.
+        return (type(self), (self.components,))
+
 
 @dataclass(frozen=True, kw_only=True)
 class UbercalOptions:

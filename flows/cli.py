@@ -95,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages",
         type=_stages,
         default=None,
-        help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal "
-        "(default: the per-night stages, all but ubercal)",
+        help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal,"
+        "train,score (default: the per-night stages, index to photometry)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="zero-point network checkpoint directory for train/score "
+        "(default: models/azprc beside the store)",
+    )
+    p.add_argument(
+        "--zp-config",
+        type=Path,
+        help="JSON file of zero-point network settings (tasks/zp.py ZPNetworkConfig)",
     )
     p.add_argument(
         "--site-longitude",
@@ -196,12 +206,15 @@ def run_pipeline(
     overwrite: bool = True,
     refcat: str | None = None,
     keep_reduced: bool = False,
+    checkpoint: str | None = None,
+    zp_config: Path | None = None,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
     from tasks.index import IndexConfig
     from tasks.reduce import ReduceConfig
+    from tasks.zp import ZPNetworkConfig
 
     index = (
         IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
@@ -217,6 +230,10 @@ def run_pipeline(
             overwrite=overwrite,
             refcat=refcat,
             reduce=ReduceConfig(keep_reduced=keep_reduced),
+            checkpoint=checkpoint,
+            zp=None
+            if zp_config is None
+            else ZPNetworkConfig.model_validate_json(zp_config.read_text()),
         )
 
 
@@ -239,6 +256,15 @@ def print_summary(summary: dict) -> None:
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"  nights/{night}/catalog: {parts}")
+    zp = summary.get("zp") or {}
+    if "train" in zp:
+        m = zp["train"]["metrics"]
+        print(
+            f"  zero-point network -> {zp['train']['checkpoint']}: held-out rmse "
+            f"{m['azprc']['rmse']:.4f} mag (classical {m['classical']['rmse']:.4f})"
+        )
+    for night, s in (zp.get("score") or {}).items():
+        print(f"  ml/scores/{night}: {s['exposures']} exposures")
 
 
 def _describe_master(s: dict) -> str:
@@ -265,9 +291,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "index" in stages and args.raw is None:
         print("photocal run: --raw is required for the index stage", file=sys.stderr)
         return 2
-    if {"reduce", "photometry", "ubercal"} & set(stages) and args.refcat is None:
+    if {"reduce", "photometry", "ubercal", "train", "score"} & set(stages) and args.refcat is None:
         print(
-            "photocal run: --refcat is required for the photometry and ubercal stages",
+            "photocal run: --refcat is required for the photometry, ubercal, train and "
+            "score stages",
             file=sys.stderr,
         )
         return 2
@@ -283,6 +310,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         refcat=None if args.refcat is None else str(args.refcat),
         keep_reduced=args.keep_reduced,
+        checkpoint=args.checkpoint,
+        zp_config=args.zp_config,
     )
     print_summary(summary)
     return 0

@@ -142,6 +142,31 @@ def masters(period: dt.date, overwrite: bool = True) -> dict[str, Any]:
     return _run(settings, nights=nights, stages=["masters"], overwrite=overwrite)
 
 
+@flow(name="train-zp", log_prints=True, persist_result=True)
+def train_zp(start: dt.date, end: dt.date, checkpoint: str | None = None) -> dict[str, Any]:
+    """Train the zero-point network on the nights ``start``..``end`` (their
+    ubercal zero points are the targets) plus simulated nights, on a GPU worker
+    when the cluster has one; writes the checkpoint (default: models/azprc
+    beside the store)."""
+    params = BackfillParameters(start=start, end=end, stages=["train"])
+    return _run(
+        PhotocalSettings(), nights=params.nights(), stages=["train"], checkpoint=checkpoint
+    )["zp"]
+
+
+@flow(name="score-zp", log_prints=True, persist_result=True)
+def score_zp(night: dt.date | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+    """Predict every exposure's zero point of a night (default: the night that
+    just ended) with the trained network; writes ml/scores/<night>."""
+    settings = PhotocalSettings()
+    label = (
+        night.isoformat()
+        if night
+        else last_night(dt.datetime.now(dt.UTC), settings.site_longitude_deg)
+    )
+    return _run(settings, nights=[label], stages=["score"], checkpoint=checkpoint)["zp"]
+
+
 @flow(name="device-check", log_prints=True)
 def device_check(n_gpu_tasks: int = 4, n_cpu_tasks: int = 4) -> list[dict[str, Any]]:
     """Run probes marked for GPU and unmarked ones; report where each ran and the

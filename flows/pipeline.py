@@ -44,14 +44,32 @@ from tasks.transients import (
     write_transients_task,
 )
 from tasks.ubercal import UbercalStageConfig, bands_observed_task, ubercal_task
+from tasks.zp import (
+    ZPNetworkConfig,
+    default_checkpoint,
+    night_features_task,
+    photometered_nights_task,
+    score_zp_task,
+    train_zp_task,
+)
 
-StageName = Literal["index", "masters", "reduce", "photometry", "ubercal", "transients"]
+StageName = Literal[
+    "index",
+    "masters",
+    "reduce",
+    "photometry",
+    "ubercal",
+    "train",
+    "score",
+    "transients",
+]
 STAGES: tuple[str, ...] = get_args(StageName)
 """Stages in execution order. ``reduce`` and ``photometry`` run as one step per
 exposure chunk: reduced images are not kept (unless ``keep_reduced``)."""
 NIGHTLY_STAGES: tuple[str, ...] = ("index", "masters", "reduce", "photometry")
 """What a run does by default: per-night work. ``ubercal`` fits many nights at
-once and runs when asked (its own deployment). ``transients`` (localisation on
+once and runs when asked (its own deployment), as do ``train`` and ``score`` (the
+zero-point network: ``train`` needs ubercal's targets). ``transients`` (localisation on
 simulated reference/new pairs, docs/transients.md) also runs when asked."""
 
 
@@ -68,6 +86,8 @@ def photocal_run(
     refcat: str | None = None,
     ubercal_bands: list[str] | None = None,
     transients: TransientsConfig | None = None,
+    zp: ZPNetworkConfig | None = None,
+    checkpoint: str | None = None,
     overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
@@ -141,11 +161,45 @@ def photocal_run(
         for band in bands:
             config = UbercalStageConfig(band=band, first_night=first, last_night=last)
             summary["ubercal"][band] = ubercal_task.submit(store, refcat, config).result()
+    if "train" in stages or "score" in stages:
+        if refcat is None:
+            raise ValueError("the train and score stages need the reference catalog (--refcat)")
+        summary["zp"] = _zp_stage(
+            store, nights, refcat, stages, zp or ZPNetworkConfig(), checkpoint
+        )
     if "transients" in stages:
         summary["transients"] = _transients_stage(store, nights, transients or TransientsConfig())
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
     return summary
+
+
+def _zp_stage(
+    store: str,
+    nights: list[str] | None,
+    refcat: str,
+    stages: list[str],
+    config: ZPNetworkConfig,
+    checkpoint: str | None,
+) -> dict[str, Any]:
+    """Features of every night with photometry, then training and/or scoring,
+    on a GPU worker when the cluster has one."""
+    checkpoint = checkpoint or default_checkpoint(store)
+    with_photometry = photometered_nights_task(store, nights)
+    features = night_features_task.map(
+        unmapped(store), with_photometry, unmapped(refcat), unmapped(config)
+    )
+    out: dict[str, Any] = {"checkpoint": checkpoint, "features": {}}
+    out["features"] = dict(zip(with_photometry, features.result(), strict=True))
+    gpus = gpu_workers_task.submit().result()
+    with on_gpu_if_any(gpus):
+        if "train" in stages:
+            out["train"] = train_zp_task.submit(store, with_photometry, checkpoint, config).result()
+        if "score" in stages:
+            scored = score_zp_task.map(unmapped(store), with_photometry, unmapped(checkpoint))
+            out["score"] = dict(zip(with_photometry, scored.result(), strict=True))
+    out["gpu_workers"] = gpus
+    return out
 
 
 def _masters_stage(

@@ -273,3 +273,77 @@ def model_inputs(
         ),
         "telemetry": np.ascontiguousarray(features.telemetry[rows], dtype=np.float32),
     }
+
+
+@dataclass(frozen=True)
+class ExposureInputs:
+    """What one exposure hands the feature code, from the pipeline or the
+    simulator: telemetry, the patch (e-/s per pixel), the matched clean stars
+    (arrays of shape (n,)), and the target offset (NaN when unknown)."""
+
+    expid: int
+    night: str
+    domain: int
+    band: str
+    airmass: float
+    out_temp_c: float
+    out_rhum_pct: float
+    wind_mps: float
+    image_e_s: np.ndarray
+    mag_ref: np.ndarray
+    colour: np.ndarray
+    radius: np.ndarray
+    mag_inst: np.ndarray
+    mag_inst_err: np.ndarray
+    zp_nominal_mag: float
+    target_mag: float
+
+
+def build_features(
+    exposures: list[ExposureInputs], *, patch_px: int, max_stars: int = MAX_STARS
+) -> FeatureSet:
+    """The feature set of many exposures (one code path for every source)."""
+    if not exposures:
+        raise ValueError("build_features: no exposures")
+    stars, counts, zps = [], [], []
+    for e in exposures:
+        tensor, n = star_tensor(
+            e.mag_ref,
+            e.colour,
+            e.radius,
+            e.mag_inst,
+            e.mag_inst_err,
+            zp_nominal_mag=e.zp_nominal_mag,
+            max_stars=max_stars,
+        )
+        stars.append(tensor)
+        counts.append(n)
+        zps.append(
+            catalog_zero_point(
+                e.mag_ref, e.mag_inst, e.mag_inst_err, zp_nominal_mag=e.zp_nominal_mag
+            )
+        )
+    zp = np.array(zps, dtype=np.float64).reshape(-1, 2)
+    return FeatureSet(
+        patch=np.stack([patch_image(e.image_e_s, patch_px) for e in exposures]),
+        stars=np.stack(stars),
+        n_stars=np.array(counts, dtype=np.int64),
+        telemetry=np.stack(
+            [
+                telemetry_vector(
+                    airmass=e.airmass,
+                    out_temp_c=e.out_temp_c,
+                    out_rhum_pct=e.out_rhum_pct,
+                    wind_mps=e.wind_mps,
+                    band=e.band,
+                )
+                for e in exposures
+            ]
+        ),
+        catalog_zp_mag=zp[:, 0],
+        catalog_zp_err_mag=zp[:, 1],
+        target_mag=np.array([e.target_mag for e in exposures], dtype=np.float64),
+        domain=np.array([e.domain for e in exposures], dtype=np.int64),
+        night=np.array([e.night for e in exposures]),
+        expid=np.array([e.expid for e in exposures], dtype=np.int64),
+    )

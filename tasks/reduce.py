@@ -85,6 +85,13 @@ class ReduceConfig(BaseModel):
         description="Also write the fluence images to nights/<night>/reduced/<expid> "
         "(--keep-reduced); off by default, a real night is terabytes.",
     )
+    patch_px: int = Field(
+        256,
+        ge=8,
+        le=4096,
+        description="Side of the image patch kept per exposure for the zero-point network "
+        "(nights/<night>/patches): the centre of its lowest-numbered quadrant, in e-/s.",
+    )
 
 
 class PhotometryConfig(BaseModel):
@@ -224,12 +231,17 @@ class ExposureResult:
         The raw file.
     reduced : dict of int to ndarray, optional
         Fluence images (y, x) by quadrant, only with ``keep_reduced``.
+    patch : ndarray, shape (patch_px, patch_px), e-/s, optional
+        The centre of the lowest-numbered quadrant's fluence image over the
+        exposure time (the zero-point network's image input); smaller when the
+        quadrant is.
     """
 
     catalog: xr.Dataset
     row: dict[str, Any]
     path: str
     reduced: dict[int, np.ndarray] | None = None
+    patch: np.ndarray | None = None
 
 
 def photometer_exposure(
@@ -254,6 +266,7 @@ def photometer_exposure(
     parts: list[tuple[int, QuadrantPhotometry, np.ndarray]] = []
     qa: dict[int, dict[str, float]] = {}
     kept: dict[int, np.ndarray] = {}
+    patch_of: tuple[int, np.ndarray] | None = None
     shape = (0, 0)
     for frame in read_quadrants(path):
         q = frame.header.quadrant
@@ -301,6 +314,8 @@ def photometer_exposure(
         qa[q] = _quadrant_qa(reduced, phot, x[phot.index], y[phot.index], pc)
         if rc.keep_reduced:
             kept[q] = _fluence_image(reduced)
+        if patch_of is None or q < patch_of[0]:
+            patch_of = (q, _centre(_fluence_image(reduced), rc.patch_px) / header.exptime_s)
     corrections = apply_aperture_corrections(
         [p.aperture_correction for _, p, _ in parts], min_stars=pc.apcorr_min_stars
     )
@@ -331,11 +346,22 @@ def photometer_exposure(
             for (q, p, _), c in zip(parts, corrections, strict=True)
         },
     }
-    return ExposureResult(catalog=catalog, row=row, path=path, reduced=kept or None)
+    return ExposureResult(
+        catalog=catalog,
+        row=row,
+        path=path,
+        reduced=kept or None,
+        patch=None if patch_of is None else patch_of[1],
+    )
 
 
 def _fluence_image(reduced: ReducedQuadrant) -> np.ndarray:
     return (reduced.surface_brightness * reduced.pixel_area).astype(np.float32)
+
+
+def _centre(image: np.ndarray, size: int) -> np.ndarray:
+    y0, x0 = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
+    return np.ascontiguousarray(image[y0 : y0 + size, x0 : x0 + size])
 
 
 def _quadrant_qa(
@@ -599,6 +625,14 @@ def write_night(
     attrs = provenance(night, inputs, reduce_config, photometry_config, refcat_path)
     write_group(store, f"nights/{night}/catalog", catalog, attrs=attrs)
     write_group(store, f"nights/{night}/exposures", exposures, attrs=attrs)
+    patches = [r for r in sorted(results, key=lambda r: r.row["expid"]) if r.patch is not None]
+    if patches and len({r.patch.shape for r in patches}) == 1:
+        ds = xr.Dataset(
+            {"patch": (("exposure", "py", "px"), np.stack([r.patch for r in patches]))},
+            coords={"expid": ("exposure", np.array([r.row["expid"] for r in patches]))},
+            attrs={"units": "e-/s per pixel (fluence / EXPTIME)", "quadrant": "lowest read"},
+        )
+        write_group(store, f"nights/{night}/patches", ds, attrs=attrs)
     if reduce_config.keep_reduced:
         for r in results:
             if r.reduced:

@@ -3,17 +3,46 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+from typing import Any
 
+import numpy as np
+import xarray as xr
+from prefect import task
+from pydantic import BaseModel, Field
+
+from ml.device import best_device
+from ml.zp_baselines import regression_metrics
+from ml.zp_checkpoint import (
+    ONNX,
+    OnnxScorer,
+    code_revision,
+    data_hash,
+    export_onnx,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ml.zp_features import (
     MAX_STARS,
+    STAR_CHANNELS,
+    TELEMETRY_CHANNELS,
+    ExposureInputs,
     FeatureSet,
-    catalog_zero_point,
-    patch_image,
-    star_tensor,
-    telemetry_vector,
+    build_features,
+    split_by_night,
 )
-from sim.zpsim import ZPExposure
+from ml.zp_model import AZPRCConfig
+from ml.zp_train import TrainConfig, predict, train_zp_network
+from sim.zpsim import DOMAINS, ZPExposure, simulate_zp_exposures
+from tasks.io.raw import RefCatalog, read_refcat
+from tasks.io.store import (
+    StoreError,
+    group_exists,
+    list_children,
+    photocal_version,
+    read_group,
+    write_group,
+)
 
 
 def features_from_simulation(
@@ -21,47 +50,343 @@ def features_from_simulation(
 ) -> FeatureSet:
     """The simulator's feature mode through the pipeline's feature code; the
     target is the true offset, nights are labelled by domain and date."""
-    if not exposures:
-        raise ValueError("features_from_simulation: no exposures")
-    stars, counts, zps = [], [], []
-    for e in exposures:
-        tensor, n = star_tensor(
-            e.mag_ref,
-            e.colour,
-            e.radius,
-            e.mag_inst,
-            e.mag_inst_err,
-            zp_nominal_mag=e.zp_nominal_mag,
-            max_stars=max_stars,
+    return build_features(
+        [
+            ExposureInputs(
+                expid=e.expid,
+                night=f"{e.domain}:{e.night}",
+                domain=e.domain,
+                band=e.band,
+                airmass=e.airmass,
+                out_temp_c=e.out_temp_c,
+                out_rhum_pct=e.out_rhum_pct,
+                wind_mps=e.wind_mps,
+                image_e_s=e.image_e_s,
+                mag_ref=e.mag_ref,
+                colour=e.colour,
+                radius=e.radius,
+                mag_inst=e.mag_inst,
+                mag_inst_err=e.mag_inst_err,
+                zp_nominal_mag=e.zp_nominal_mag,
+                target_mag=e.offset_mag,
+            )
+            for e in exposures
+        ],
+        patch_px=patch_px,
+        max_stars=max_stars,
+    )
+
+
+# --- the pipeline's nights --------------------------------------------------------
+
+
+class ZPNetworkConfig(BaseModel):
+    """Configuration of the zero-point network stages (features, train, score)."""
+
+    zp_nominal_mag: dict[str, float] = Field(
+        default_factory=lambda: {"g": 24.8, "r": 24.6, "i": 24.2},
+        description="The instrument's clear-sky, zero-airmass zero point per band [mag]; the "
+        "network predicts zp - zp_nominal (docs/zp_network.md).",
+    )
+    patch_px: int = Field(32, ge=8, description="Model patch side (256 on GPU workers).")
+    cnn_channels: tuple[int, int] = Field((16, 32), description="CFE filters (paper: 64, 128).")
+    max_stars: int = Field(MAX_STARS, ge=1, description="Brightest stars the GRU reads.")
+    domain: int = Field(0, ge=0, le=2, description="Domain label of this survey's nights.")
+    sim_nights: int = Field(
+        40,
+        ge=0,
+        description="Nights of each simulated domain (A, B) added to the training set.",
+    )
+    sim_exposures_per_night: int = Field(40, ge=1, description="Simulated exposures a night.")
+    epochs: int = Field(40, ge=1, description="Upper limit on training epochs.")
+    dann_alpha: float = Field(0.01, ge=0, description="Gradient-reversal strength; 0: off.")
+    seed: int = Field(0, description="Seeds the simulation, the split and the training.")
+    export_onnx: bool = Field(True, description="Also write model.onnx for CPU scoring.")
+
+
+def _night_targets(
+    store: str, band_of: dict[int, str], config: ZPNetworkConfig
+) -> dict[int, float]:
+    """Ubercal zero point minus nominal, averaged over quadrants, by expid."""
+    out: dict[int, float] = {}
+    for band in sorted(set(band_of.values())):
+        if not group_exists(store, f"ubercal/{band}"):
+            continue
+        ub = read_group(store, f"ubercal/{band}")
+        zp = np.nanmean(ub.zp.values, axis=1)
+        for expid, value in zip(ub.expid.values.tolist(), zp, strict=True):
+            if band_of.get(expid) == band and np.isfinite(value):
+                out[expid] = float(value) - config.zp_nominal_mag[band]
+    return out
+
+
+def night_features(
+    store: str, night: str, refcat: RefCatalog, config: ZPNetworkConfig
+) -> FeatureSet:
+    """Features of one night's exposures from ``nights/<night>/{exposures,catalog,patches}``
+    and the reference catalog; targets from ``ubercal/<band>`` (NaN before ubercal)."""
+    exposures = read_group(store, f"nights/{night}/exposures")
+    catalog = read_group(store, f"nights/{night}/catalog")
+    patches = read_group(store, f"nights/{night}/patches")
+    patch_of = dict(zip(patches.expid.values.tolist(), patches.patch.values, strict=True))
+    row_of = {int(s): k for k, s in enumerate(refcat.source_id)}
+    clean = catalog.flags.values == 0
+    nx, ny = float(catalog.attrs["quad_nx"]), float(catalog.attrs["quad_ny"])
+    expids = exposures.expid.values.astype(np.int64)
+    bands = [str(b) for b in exposures.band.values]
+    for band in set(bands):
+        if band not in config.zp_nominal_mag:
+            raise ValueError(f"nights/{night}: band {band!r} has no zp_nominal_mag in the config")
+    targets = _night_targets(store, dict(zip(expids.tolist(), bands, strict=True)), config)
+    inputs = []
+    for k, expid in enumerate(expids.tolist()):
+        if expid not in patch_of:
+            raise StoreError(f"nights/{night}/patches has no patch for exposure {expid}")
+        obs = np.nonzero(clean & (catalog.expid.values == expid))[0]
+        rows = np.array(
+            [row_of.get(int(s), -1) for s in catalog.source_id.values[obs]], dtype=np.int64
         )
-        stars.append(tensor)
-        counts.append(n)
-        zps.append(
-            catalog_zero_point(
-                e.mag_ref, e.mag_inst, e.mag_inst_err, zp_nominal_mag=e.zp_nominal_mag
+        obs, rows = obs[rows >= 0], rows[rows >= 0]
+        x, y = catalog.x.values[obs], catalog.y.values[obs]
+        e = exposures.isel(exposure=k)
+        inputs.append(
+            ExposureInputs(
+                expid=expid,
+                night=night,
+                domain=config.domain,
+                band=bands[k],
+                airmass=float(e.airmass),
+                out_temp_c=float(e.out_temp_c),
+                out_rhum_pct=float(e.out_rhum_pct),
+                wind_mps=float(e.wind_mps),
+                image_e_s=patch_of[expid],
+                mag_ref=getattr(refcat, f"{bands[k]}_mag")[rows],
+                colour=refcat.bp_rp[rows],
+                radius=np.hypot(x - nx / 2, y - ny / 2) / np.hypot(nx / 2, ny / 2),
+                mag_inst=catalog.mag_inst.values[obs],
+                mag_inst_err=catalog.mag_inst_err.values[obs],
+                zp_nominal_mag=config.zp_nominal_mag[bands[k]],
+                target_mag=targets.get(expid, np.nan),
             )
         )
-    zp = np.array(zps, dtype=np.float64).reshape(-1, 2)
-    return FeatureSet(
-        patch=np.stack([patch_image(e.image_e_s, patch_px) for e in exposures]),
-        stars=np.stack(stars),
-        n_stars=np.array(counts, dtype=np.int64),
-        telemetry=np.stack(
-            [
-                telemetry_vector(
-                    airmass=e.airmass,
-                    out_temp_c=e.out_temp_c,
-                    out_rhum_pct=e.out_rhum_pct,
-                    wind_mps=e.wind_mps,
-                    band=e.band,
-                )
-                for e in exposures
-            ]
-        ),
-        catalog_zp_mag=zp[:, 0],
-        catalog_zp_err_mag=zp[:, 1],
-        target_mag=np.array([e.offset_mag for e in exposures]),
-        domain=np.array([e.domain for e in exposures], dtype=np.int64),
-        night=np.array([f"{e.domain}:{e.night}" for e in exposures]),
-        expid=np.array([e.expid for e in exposures], dtype=np.int64),
+    return build_features(inputs, patch_px=config.patch_px, max_stars=config.max_stars)
+
+
+def _features_dataset(fs: FeatureSet) -> xr.Dataset:
+    return xr.Dataset(
+        {
+            "patch": (("exposure", "py", "px"), fs.patch),
+            "stars": (("exposure", "star", "channel"), fs.stars),
+            "n_stars": ("exposure", fs.n_stars),
+            "telemetry": (("exposure", "telemetry_channel"), fs.telemetry),
+            "catalog_zp": ("exposure", fs.catalog_zp_mag),
+            "catalog_zp_err": ("exposure", fs.catalog_zp_err_mag),
+            "target": ("exposure", fs.target_mag),
+            "domain": ("exposure", fs.domain),
+            "night": ("exposure", fs.night.astype(object)),
+            "expid": ("exposure", fs.expid),
+        },
+        coords={
+            "channel": list(STAR_CHANNELS),
+            "telemetry_channel": list(TELEMETRY_CHANNELS),
+        },
     )
+
+
+def _feature_set(ds: xr.Dataset) -> FeatureSet:
+    return FeatureSet(
+        patch=ds.patch.values.astype(np.float32),
+        stars=ds.stars.values.astype(np.float32),
+        n_stars=ds.n_stars.values.astype(np.int64),
+        telemetry=ds.telemetry.values.astype(np.float32),
+        catalog_zp_mag=ds.catalog_zp.values.astype(np.float64),
+        catalog_zp_err_mag=ds.catalog_zp_err.values.astype(np.float64),
+        target_mag=ds.target.values.astype(np.float64),
+        domain=ds.domain.values.astype(np.int64),
+        night=np.array([str(v) for v in ds.night.values]),
+        expid=ds.expid.values.astype(np.int64),
+    )
+
+
+def write_night_features(
+    store: str, night: str, refcat_path: str, config: ZPNetworkConfig
+) -> dict[str, int]:
+    """Compute and write ``ml/features/<night>``; counts back."""
+    fs = night_features(store, night, read_refcat(refcat_path), config)
+    attrs = {
+        "stage": "zp-features",
+        "night": night,
+        "refcat": refcat_path,
+        "config": config.model_dump(),
+        "inputs": [f"nights/{night}/{g}" for g in ("exposures", "catalog", "patches")],
+        "target": "ubercal zp (mean over quadrants) - zp_nominal(band), mag; NaN before ubercal",
+    }
+    write_group(store, f"ml/features/{night}", _features_dataset(fs), attrs=attrs)
+    return {"exposures": len(fs), "with_target": int(np.isfinite(fs.target_mag).sum())}
+
+
+def read_features(store: str, nights: list[str]) -> FeatureSet:
+    """The stored features of ``nights`` (every one must have been written)."""
+    if not nights:
+        raise ValueError("read_features: no nights given")
+    return FeatureSet.concat([_feature_set(read_group(store, f"ml/features/{n}")) for n in nights])
+
+
+def simulated_training_set(config: ZPNetworkConfig) -> FeatureSet | None:
+    """``sim_nights`` nights of simulated domains A and B (None when 0)."""
+    if config.sim_nights == 0:
+        return None
+    exposures = []
+    for name in ("A", "B"):
+        exposures += simulate_zp_exposures(
+            DOMAINS[name],
+            n_nights=config.sim_nights,
+            exposures_per_night=config.sim_exposures_per_night,
+            patch_px=config.patch_px,
+            seed=config.seed,
+        )
+    return features_from_simulation(exposures, patch_px=config.patch_px, max_stars=config.max_stars)
+
+
+def train_zp(
+    store: str, nights: list[str], checkpoint: str, config: ZPNetworkConfig
+) -> dict[str, Any]:
+    """Train AZP-RC on the stored features of ``nights`` with an ubercal target
+    plus the simulated nights; evaluate on held-out nights against the classical
+    zero point; write the checkpoint (weights, model card, ONNX)."""
+    parts = []
+    if nights:
+        real = read_features(store, nights)
+        parts.append(real.select(np.isfinite(real.target_mag)))
+    simulated = simulated_training_set(config)
+    if simulated is not None:
+        parts.append(simulated)
+    data = FeatureSet.concat(parts)
+    if len(np.unique(data.night)) < 3:
+        raise ValueError(
+            f"train_zp: {len(np.unique(data.night))} night(s) with targets; need >= 3 "
+            "(run ubercal first, or add simulated nights with sim_nights)"
+        )
+    is_train, is_val, is_test = split_by_night(data.night, seed=config.seed)
+    model_config = AZPRCConfig(patch_px=config.patch_px, cnn_channels=config.cnn_channels)
+    train_config = TrainConfig(epochs=config.epochs, dann_alpha=config.dann_alpha, seed=config.seed)
+    trained = train_zp_network(
+        model_config, data.select(is_train), data.select(is_val), train_config
+    )
+    test = data.select(is_test)
+    metrics = {
+        "azprc": regression_metrics(*predict(trained.model, test), test.target_mag),
+        "classical": regression_metrics(
+            test.catalog_zp_mag, test.catalog_zp_err_mag, test.target_mag
+        ),
+    }
+    card = {
+        "stage_config": config.model_dump(),
+        "train_config": train_config.to_dict(),
+        "data_sha256": data_hash(data.select(is_train | is_val)),
+        "training_nights": {"store": sorted(set(nights)), "simulated": int(config.sim_nights)},
+        "split_exposures": {
+            "train": int(is_train.sum()),
+            "val": int(is_val.sum()),
+            "test": int(is_test.sum()),
+        },
+        "metrics_test_mag": metrics,
+        "best_epoch": trained.best_epoch,
+        "sigma_scale": float(trained.model.sigma_scale),
+        "train_seconds": trained.seconds,
+        "device": str(next(trained.model.parameters()).device),
+        "photocal": photocal_version(),
+        "code_revision": code_revision(),
+        "zero_point_convention": "zp = zp_nominal_mag[band] + offset; m = m_inst + zp",
+    }
+    out = save_checkpoint(checkpoint, trained.model, card)
+    if config.export_onnx:
+        model = trained.model.cpu()
+        export_onnx(model, test, out / ONNX)
+        parity = float(
+            np.max(np.abs(OnnxScorer(out / ONNX).predict(test)[0] - predict(model, test)[0]))
+        )
+        card["onnx_max_abs_diff_mag"] = parity
+        save_checkpoint(checkpoint, model, card)
+    return {"checkpoint": str(out), "metrics": metrics, "exposures": card["split_exposures"]}
+
+
+def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
+    """Score a night's stored features with a checkpoint; write ``ml/scores/<night>``."""
+    model, card = load_checkpoint(checkpoint, device=str(best_device()))
+    config = ZPNetworkConfig(**card["stage_config"])
+    ds = read_group(store, f"ml/features/{night}")
+    fs = _feature_set(ds)
+    if fs.patch.shape[1] != model.config.patch_px:
+        raise ValueError(
+            f"ml/features/{night} has {fs.patch.shape[1]}-px patches, the model "
+            f"{model.config.patch_px}: recompute the features with the model's config"
+        )
+    offset, sigma = predict(model, fs)
+    bands = [TELEMETRY_CHANNELS[4 + int(np.argmax(t[4:]))] for t in fs.telemetry]
+    nominal = np.array([config.zp_nominal_mag[b] for b in bands])
+    scores = xr.Dataset(
+        {
+            "expid": ("exposure", fs.expid),
+            "band": ("exposure", np.array(bands, dtype=object)),
+            "zp_offset": ("exposure", offset),
+            "zp_offset_err": ("exposure", sigma),
+            "zp": ("exposure", nominal + offset),
+            "catalog_zp_offset": ("exposure", fs.catalog_zp_mag),
+        }
+    )
+    for name in ("zp_offset", "zp_offset_err", "zp", "catalog_zp_offset"):
+        scores[name].attrs["units"] = "mag"
+    attrs = {
+        "stage": "score-zp",
+        "night": night,
+        "checkpoint": str(checkpoint),
+        "model_card": {k: card[k] for k in ("data_sha256", "code_revision", "metrics_test_mag")},
+        "device": str(best_device()),
+        "convention": "zp = zp_nominal_mag[band] + zp_offset; m = m_inst + zp",
+    }
+    write_group(store, f"ml/scores/{night}", scores, attrs=attrs)
+    return {
+        "exposures": len(fs),
+        "median_offset_mag": float(np.median(offset)) if len(fs) else None,
+    }
+
+
+@task(name="zp-features", retries=1, retry_delay_seconds=2)
+def night_features_task(
+    store: str, night: str, refcat_path: str, config: ZPNetworkConfig
+) -> dict[str, int]:
+    return write_night_features(store, night, refcat_path, config)
+
+
+@task(name="train-zp", retries=0)
+def train_zp_task(
+    store: str, nights: list[str], checkpoint: str, config: ZPNetworkConfig
+) -> dict[str, Any]:
+    """Runs where it is submitted: on a GPU worker when the flow annotated it so."""
+    return train_zp(store, nights, checkpoint, config)
+
+
+@task(name="score-zp", retries=1, retry_delay_seconds=2)
+def score_zp_task(store: str, night: str, checkpoint: str) -> dict[str, Any]:
+    return score_zp(store, night, checkpoint)
+
+
+def default_checkpoint(store: str) -> str:
+    """``models/azprc`` beside a local store; object stores must name one."""
+    if "://" in store and not store.startswith("file://"):
+        raise ValueError(f"store {store!r} is not local: give the checkpoint directory")
+    root = os.path.dirname(os.path.abspath(store.removeprefix("file://").rstrip("/")))
+    return os.path.join(root, "models", "azprc")
+
+
+@task(name="photometered-nights")
+def photometered_nights_task(store: str, nights: list[str] | None) -> list[str]:
+    """Nights (of ``nights``, or all) whose catalog and patches are in the store."""
+    found = list_children(store, "nights")
+    wanted = found if nights is None else [n for n in found if n in set(nights)]
+    return [
+        n
+        for n in sorted(wanted)
+        if group_exists(store, f"nights/{n}/catalog") and group_exists(store, f"nights/{n}/patches")
+    ]

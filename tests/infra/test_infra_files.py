@@ -23,7 +23,7 @@ def test_every_deployment_entrypoint_is_a_flow():
         assert isinstance(obj, Flow), dep["name"]
         assert dep["work_pool"]["name"] == "photocal"
         names.add(dep["name"])
-    assert {"nightly", "backfill", "masters", "ubercal"} <= names
+    assert {"nightly", "backfill", "masters", "ubercal", "train-zp", "score-zp"} <= names
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"]
 

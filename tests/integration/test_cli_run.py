@@ -3,6 +3,9 @@ resumed run that keeps what is complete."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from flows.cli import main
@@ -55,3 +58,36 @@ def test_photocal_run_all_stages_then_resume(tiny_survey, tmp_path, capsys):
 def test_photocal_run_refuses_photometry_without_refcat(tmp_path, capsys):
     assert main(["run", "--store", str(tmp_path / "s.zarr"), "--raw", str(tmp_path)]) == 2
     assert "--refcat" in capsys.readouterr().err
+
+
+def test_photocal_run_trains_and_scores_the_zero_point_network(tiny_survey, tmp_path, capsys):
+    """Photometry on tiny, then `--stages train,score`: features per night, a
+    checkpoint with its card and exported model, and scores whose zero points
+    agree with the classical zero point of the same stars within their errors."""
+    store = tmp_path / "photocal.zarr"
+    common = ["--store", str(store), "--refcat", str(tiny_survey.refcat), "--workers", "2"]
+    assert main(["run", "--raw", str(tiny_survey.raw), *common]) == 0
+    config = tmp_path / "zp.json"
+    config.write_text(
+        '{"sim_nights": 3, "sim_exposures_per_night": 8, "epochs": 3, "patch_px": 16, '
+        '"cnn_channels": [4, 8]}'
+    )
+    checkpoint = tmp_path / "models" / "azprc"
+    argv = ["run", *common, "--stages", "train,score", "--zp-config", str(config)]
+    assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert f"zero-point network -> {checkpoint}" in out
+    card = json.loads((checkpoint / "model_card.json").read_text())
+    assert {"data_sha256", "code_revision", "metrics_test_mag", "model_config"} <= set(card)
+    assert card["onnx_max_abs_diff_mag"] < 1e-5
+    for night in tiny_survey.nights:
+        scores = read_group(store, f"ml/scores/{night}")
+        features = read_group(store, f"ml/features/{night}")
+        np.testing.assert_array_equal(scores.expid.values, features.expid.values)
+        assert np.all(scores.zp_offset_err.values > 0)
+        nominal = np.array([{"g": 24.8, "r": 24.6, "i": 24.2}[b] for b in scores.band.values])
+        classical = nominal + scores.catalog_zp_offset.values
+        ok = np.isfinite(classical)
+        assert ok.any()
+        pull = (scores.zp.values[ok] - classical[ok]) / scores.zp_offset_err.values[ok]
+        assert np.all(np.abs(pull) < 3.0), pull
