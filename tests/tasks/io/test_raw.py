@@ -717,7 +717,7 @@ _MUTABLE = (
 
 
 @settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -733,21 +733,19 @@ def test_any_header_damage_is_accepted_or_rejected_with_one_line(tmp_path, image
     never another exception or a leaked astropy warning; values read back are the
     values written."""
     hdul = build_exposure(imagetyp)
-    for (hdu, key), value in changes:
-        header = hdul[hdu].header
-        if value is None:
-            header.remove(key, ignore_missing=True)
-        elif key == "NAXIS1":
-            continue  # the array fixes it; only deleting it is a header-level damage
-        else:
-            header[key] = value
     path = tmp_path / f"h{abs(hash(repr(changes))) % 10**12}.fits"
     try:
+        for (hdu, key), value in changes:
+            header = hdul[hdu].header
+            if value is None:
+                header.remove(key, ignore_missing=True)
+            elif key != "NAXIS1":  # the array fixes it; only deleting it damages a header
+                header[key] = value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # astropy's own write-time notes
             hdul.writeto(path, overwrite=True, output_verify="silentfix")
     except (fits.VerifyError, ValueError, OSError, TypeError):
-        return  # astropy refuses to write it: no file to judge
+        return  # astropy refuses to set or write it (e.g. inf): no file to judge
     try:
         exposure = validate_file(path)
     except RawFileError:
