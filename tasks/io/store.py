@@ -147,10 +147,21 @@ def _prepare(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _ensure_parents(root: Path | str, group: str) -> None:
-    """Create the intermediate groups (with their zarr.json) above ``group``."""
-    g = zarr.open_group(str(root), mode="a", zarr_format=3)
+    """Create the intermediate groups (with their zarr.json) above ``group``.
+
+    Two runs starting on a fresh store create the same parents at once; zarr's
+    look-then-create loses that race with ContainsGroupError, which here only
+    means that the other run created it first.
+    """
+    try:
+        g = zarr.open_group(str(root), mode="a", zarr_format=3)
+    except zarr.errors.ContainsGroupError:
+        g = zarr.open_group(str(root), mode="r+", zarr_format=3)
     for part in group.split("/")[:-1]:
-        g = g.require_group(part)
+        try:
+            g = g.require_group(part)
+        except zarr.errors.ContainsGroupError:
+            g = zarr.open_group(g.store, path=f"{g.path}/{part}".lstrip("/"), mode="r+")
 
 
 def write_group(
