@@ -1,5 +1,6 @@
 """`photocal run` end to end, as an operator types it: every stage on tiny, then a
-resumed run that keeps what is complete."""
+resumed run that keeps what is complete, then the zero-point network trained and
+scored on the same store."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def test_photocal_run_all_stages_then_resume(tiny_survey, tmp_path, capsys):
     again = capsys.readouterr().out
     assert "kept (already complete)" in again
     assert "nights/2026-03-10/catalog" in again.split("kept (already complete):")[1]
+    _train_and_score(tiny_survey, store, tmp_path, capsys)
 
 
 def test_photocal_run_refuses_photometry_without_refcat(tmp_path, capsys):
@@ -60,13 +62,11 @@ def test_photocal_run_refuses_photometry_without_refcat(tmp_path, capsys):
     assert "--refcat" in capsys.readouterr().err
 
 
-def test_photocal_run_trains_and_scores_the_zero_point_network(tiny_survey, tmp_path, capsys):
-    """Photometry on tiny, then `--stages train,score`: features per night, a
+def _train_and_score(tiny_survey, store, tmp_path, capsys):
+    """`--stages train,score` on the photometered store: features per night, a
     checkpoint with its card and exported model, and scores whose zero points
     agree with the classical zero point of the same stars within their errors."""
-    store = tmp_path / "photocal.zarr"
     common = ["--store", str(store), "--refcat", str(tiny_survey.refcat), "--workers", "2"]
-    assert main(["run", "--raw", str(tiny_survey.raw), *common]) == 0
     config = tmp_path / "zp.json"
     config.write_text(
         '{"sim_nights": 3, "sim_exposures_per_night": 8, "epochs": 3, "patch_px": 16, '
