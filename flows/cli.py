@@ -16,7 +16,12 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 os.environ.setdefault("DASK_DISTRIBUTED__WORKER__DAEMON", "False")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from typing import TYPE_CHECKING
+
 from sim.config import INSTRUMENTS, PRESETS
+
+if TYPE_CHECKING:
+    from tasks.zp import ZPNetworkConfig
 
 
 def _night(text: str) -> str:
@@ -207,14 +212,13 @@ def run_pipeline(
     refcat: str | None = None,
     keep_reduced: bool = False,
     checkpoint: str | None = None,
-    zp_config: Path | None = None,
+    zp: ZPNetworkConfig | None = None,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
     from tasks.index import IndexConfig
     from tasks.reduce import ReduceConfig
-    from tasks.zp import ZPNetworkConfig
 
     index = (
         IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
@@ -231,9 +235,7 @@ def run_pipeline(
             refcat=refcat,
             reduce=ReduceConfig(keep_reduced=keep_reduced),
             checkpoint=checkpoint,
-            zp=None
-            if zp_config is None
-            else ZPNetworkConfig.model_validate_json(zp_config.read_text()),
+            zp=zp,
         )
 
 
@@ -286,6 +288,7 @@ def _describe_master(s: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import NIGHTLY_STAGES
+    from tasks.zp import ZPNetworkConfig
 
     stages = args.stages or list(NIGHTLY_STAGES)
     if "index" in stages and args.raw is None:
@@ -311,7 +314,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         refcat=None if args.refcat is None else str(args.refcat),
         keep_reduced=args.keep_reduced,
         checkpoint=args.checkpoint,
-        zp_config=args.zp_config,
+        zp=None
+        if args.zp_config is None
+        else ZPNetworkConfig.model_validate_json(args.zp_config.read_text()),
     )
     print_summary(summary)
     return 0
@@ -321,6 +326,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.pipeline import NIGHTLY_STAGES
     from tasks.io.truth import score_ubercal
     from tasks.simulate import simulate_survey
+    from tasks.zp import ZPNetworkConfig
 
     work = args.workdir
     t0 = time.perf_counter()
@@ -343,9 +349,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store=str(store),
         raw=str(res.raw),
         nights=None,
-        stages=[*NIGHTLY_STAGES, "ubercal"],
+        stages=[*NIGHTLY_STAGES, "ubercal", "train", "score"],
         workers=args.workers,
         refcat=str(res.refcat),
+        # A demo-sized training set: the survey's nights plus 10 simulated
+        # nights of each domain (the deployment's default is 40).
+        zp=ZPNetworkConfig(sim_nights=10, epochs=20),
     )
     print(f"      done in {time.perf_counter() - t1:.1f} s")
     print_summary(summary)
