@@ -506,7 +506,9 @@ def scan_quadrant(
     """Transients in a whole quadrant from overlapping 64x64 tiles.
 
     Each tile gives one position and a score; tiles scoring ``threshold`` or more
-    are kept and detections of one transient from overlapping tiles are merged.
+    whose position lies in the tile's core (not within half the overlap of an
+    edge it shares with a neighbour) are kept, and detections of one transient
+    from overlapping tiles are merged.
 
     Parameters
     ----------
@@ -536,7 +538,16 @@ def scan_quadrant(
         cut[i, 1] = new[b : b + size, a : a + size]
     xy, score = locate(model, pair_channels(cut), device=device, batch_size=batch_size)
     xy = np.clip(xy, 0, size - 1)
-    hit = score >= threshold
+    # A transient near a tile's inner edge is cut by it and badly placed; the
+    # neighbouring tile sees it whole. Keep each tile's core: up to the middle of
+    # the overlap (+1 px, so that two slightly different answers cannot both fall
+    # out), and everything on the image's own border.
+    lo, hi = overlap / 2 - 1.5, size + 0.5 - overlap / 2
+    core = np.ones(len(score), dtype=bool)
+    for k, (start, n) in enumerate(((x0, ref.shape[1]), (y0, ref.shape[0]))):
+        core &= (start == 0) | (xy[:, k] >= lo)
+        core &= (start + size == n) | (xy[:, k] <= hi)
+    hit = (score >= threshold) & core
     return merge_detections(
         x0[hit] + xy[hit, 0], y0[hit] + xy[hit, 1], score[hit], radius_px=merge_radius_px
     )
