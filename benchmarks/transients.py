@@ -9,8 +9,9 @@ Both networks are trained here, on CPU unless a GPU is visible, on cutouts of
    randomly offset from the centre; % within 1/2/5 px, median and max error,
    overall and by signal-to-noise. The classical method answers with the
    strongest matched-filter peak inside the cutout.
-2. Whole quadrants: the networks scan 64x64 tiles overlapping by 10 px (score
-   >= 0.5), the classical method thresholds the matched filter at 5 sigma;
+2. Whole quadrants: the networks scan 64x64 tiles overlapping by 10 px (scores
+   >= 0.5, 0.9, 0.99), the classical method thresholds the matched filter (5 and
+   4 sigma);
    completeness by S/N (a detection within 3 px), near the edge and near bright
    stars, false detections per quadrant, CPU time per quadrant (the quadrant
    size used and, with ``--ztf-timing``, a full 3072x3080 quadrant).

@@ -498,7 +498,7 @@ def scan_quadrant(
     new: np.ndarray,
     *,
     overlap: int = 10,
-    threshold: float = 0.5,
+    threshold: float = 0.9,
     merge_radius_px: float = 5.0,
     device: torch.device | None = None,
     batch_size: int = 512,
@@ -517,7 +517,8 @@ def scan_quadrant(
     overlap : int
         Pixels shared by neighbouring tiles.
     threshold : float
-        Minimum detection score.
+        Minimum detection score (0.9 keeps the heat-map's false detections near 2
+        per million pixels; docs/transients.md).
     merge_radius_px : float
     device : torch.device, optional
     batch_size : int
