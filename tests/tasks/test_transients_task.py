@@ -43,7 +43,6 @@ def test_group_holds_detections_of_both_methods(written):
         assert int(ds.n_false.sel(methods=m).sum()) <= n_det
 
 
-@pytest.mark.slow
 def test_rerun_writes_the_same_group(written, tmp_path):
     store, _ = written
     first = read_group(store, "transients/2026-03-10")
