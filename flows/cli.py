@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_stages,
         default=None,
         help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal,"
-        "train,score (default: the per-night stages, index to photometry)",
+        "train,score,transients (default: the per-night stages, index to photometry)",
     )
     p.add_argument(
         "--checkpoint",
