@@ -263,7 +263,9 @@ def print_summary(summary: dict) -> None:
         m = zp["train"]["metrics"]
         print(
             f"  zero-point network -> {zp['train']['checkpoint']}: held-out rmse "
-            f"{m['azprc']['rmse']:.4f} mag (classical {m['classical']['rmse']:.4f})"
+            f"{m['azprc']['rmse']:.4f} mag over all exposures, "
+            f"{m['azprc_where_classical_answers']['rmse']:.4f} where the classical zero point "
+            f"answers ({m['classical']['valid']:.1%}; its rmse {m['classical']['rmse']:.4f})"
         )
     for night, s in (zp.get("score") or {}).items():
         print(f"  ml/scores/{night}: {s['exposures']} exposures")

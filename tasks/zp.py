@@ -274,8 +274,13 @@ def train_zp(
         model_config, data.select(is_train), data.select(is_val), train_config
     )
     test = data.select(is_test)
+    pred, sigma = predict(trained.model, test)
+    answered = np.isfinite(test.catalog_zp_mag)  # the classical needs >= 3 stars
     metrics = {
-        "azprc": regression_metrics(*predict(trained.model, test), test.target_mag),
+        "azprc": regression_metrics(pred, sigma, test.target_mag),
+        "azprc_where_classical_answers": regression_metrics(
+            pred[answered], sigma[answered], test.target_mag[answered]
+        ),
         "classical": regression_metrics(
             test.catalog_zp_mag, test.catalog_zp_err_mag, test.target_mag
         ),
