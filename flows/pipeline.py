@@ -189,8 +189,10 @@ def _zp_stage(
     features = night_features_task.map(
         unmapped(store), with_photometry, unmapped(refcat), unmapped(config)
     )
-    out: dict[str, Any] = {"checkpoint": checkpoint, "features": {}}
-    out["features"] = dict(zip(with_photometry, features.result(), strict=True))
+    out: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "features": dict(zip(with_photometry, features.result(), strict=True)),
+    }
     gpus = gpu_workers_task.submit().result()
     with on_gpu_if_any(gpus):
         if "train" in stages:

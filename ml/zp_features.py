@@ -155,6 +155,21 @@ def telemetry_vector(
     return np.nan_to_num(np.array(scaled + onehot, dtype=np.float32), nan=0.0)
 
 
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` pixels of a 2-d image (all of it along an
+    axis shorter than ``size``); a view."""
+    y0, x0 = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
+    return image[y0 : y0 + size, x0 : x0 + size]
+
+
+def band_of_telemetry(telemetry: np.ndarray) -> list[str]:
+    """The bands back from telemetry vectors' one-hot (:func:`telemetry_vector`);
+    ``telemetry`` shape (n, 7)."""
+    first = TELEMETRY_CHANNELS.index(BANDS[0])
+    onehot = np.asarray(telemetry)[:, first : first + len(BANDS)]
+    return [BANDS[k] for k in np.argmax(onehot, axis=1)]
+
+
 def patch_image(image_e_s: np.ndarray, size: int) -> np.ndarray:
     """An image patch at the model's size: block-averaged by the largest whole
     factor that keeps ``size`` pixels, centre-cropped, edge-padded if smaller,
@@ -170,9 +185,7 @@ def patch_image(image_e_s: np.ndarray, size: int) -> np.ndarray:
     img = np.where(finite, img, fill)
     f = max(1, min(img.shape) // size)
     ny, nx = (img.shape[0] // f) * f, (img.shape[1] // f) * f
-    img = img[:ny, :nx].reshape(ny // f, f, nx // f, f).mean(axis=(1, 3))
-    y0, x0 = max(0, (img.shape[0] - size) // 2), max(0, (img.shape[1] - size) // 2)
-    img = img[y0 : y0 + size, x0 : x0 + size]
+    img = centre_crop(img[:ny, :nx].reshape(ny // f, f, nx // f, f).mean(axis=(1, 3)), size)
     pad_y, pad_x = size - img.shape[0], size - img.shape[1]
     if pad_y or pad_x:
         img = np.pad(

@@ -39,6 +39,7 @@ from calib.photometry import (
 from calib.pixel_area import PixelAreaCache
 from calib.reduce import MASK_BITS, ReducedQuadrant, reduce_quadrant
 from calib.zeropoint import classical_zeropoints
+from ml.zp_features import centre_crop
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
 
@@ -315,7 +316,7 @@ def photometer_exposure(
         if rc.keep_reduced:
             kept[q] = _fluence_image(reduced)
         if patch_of is None or q < patch_of[0]:
-            patch_of = (q, _centre(_fluence_image(reduced), rc.patch_px) / header.exptime_s)
+            patch_of = (q, _patch_e_s(reduced, rc.patch_px, header.exptime_s))
     corrections = apply_aperture_corrections(
         [p.aperture_correction for _, p, _ in parts], min_stars=pc.apcorr_min_stars
     )
@@ -359,9 +360,11 @@ def _fluence_image(reduced: ReducedQuadrant) -> np.ndarray:
     return (reduced.surface_brightness * reduced.pixel_area).astype(np.float32)
 
 
-def _centre(image: np.ndarray, size: int) -> np.ndarray:
-    y0, x0 = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
-    return np.ascontiguousarray(image[y0 : y0 + size, x0 : x0 + size])
+def _patch_e_s(reduced: ReducedQuadrant, size: int, exptime_s: float) -> np.ndarray:
+    """The centre of the fluence image over the exposure time, cropped before
+    the product rather than after it."""
+    sb, area = (centre_crop(a, size) for a in (reduced.surface_brightness, reduced.pixel_area))
+    return (sb * area).astype(np.float32) / exptime_s
 
 
 def _quadrant_qa(
@@ -546,8 +549,7 @@ def _classical(
     zp_err = np.full((n_exp, n_q), np.nan)
     n_used = np.zeros((n_exp, n_q), dtype=np.int64)
     terms: dict[str, tuple[float, float]] = {}
-    order = np.argsort(refcat.source_id)
-    pos = order[np.searchsorted(refcat.source_id, catalog.source_id.values, sorter=order)]
+    pos = refcat.rows_of(catalog.source_id.values)  # every catalog source is in it
     expids = exposures.expid.values
     exp_row = {int(e): i for i, e in enumerate(expids)}
     q_col = {int(q): j for j, q in enumerate(exposures.quadrant.values)}
@@ -626,7 +628,7 @@ def write_night(
     write_group(store, f"nights/{night}/catalog", catalog, attrs=attrs)
     write_group(store, f"nights/{night}/exposures", exposures, attrs=attrs)
     patches = [r for r in sorted(results, key=lambda r: r.row["expid"]) if r.patch is not None]
-    if patches and len({r.patch.shape for r in patches}) == 1:
+    if patches:  # one layout per night (the index rejects others), so they stack
         ds = xr.Dataset(
             {"patch": (("exposure", "py", "px"), np.stack([r.patch for r in patches]))},
             coords={"expid": ("exposure", np.array([r.row["expid"] for r in patches]))},

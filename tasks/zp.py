@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from ml.zp_features import (
     TELEMETRY_CHANNELS,
     ExposureInputs,
     FeatureSet,
+    band_of_telemetry,
     build_features,
     split_by_night,
 )
@@ -38,7 +40,9 @@ from tasks.io.raw import RefCatalog, read_refcat
 from tasks.io.store import (
     StoreError,
     group_exists,
+    is_local,
     list_children,
+    local_path,
     photocal_version,
     read_group,
     write_group,
@@ -129,8 +133,11 @@ def night_features(
     catalog = read_group(store, f"nights/{night}/catalog")
     patches = read_group(store, f"nights/{night}/patches")
     patch_of = dict(zip(patches.expid.values.tolist(), patches.patch.values, strict=True))
-    row_of = {int(s): k for k, s in enumerate(refcat.source_id)}
-    clean = catalog.flags.values == 0
+    ref_rows = refcat.rows_of(catalog.source_id.values)
+    # Clean matched observations grouped by exposure (stable: ascending within one).
+    usable = np.nonzero((catalog.flags.values == 0) & (ref_rows >= 0))[0]
+    usable = usable[np.argsort(catalog.expid.values[usable], kind="stable")]
+    usable_expid = catalog.expid.values[usable]
     nx, ny = float(catalog.attrs["quad_nx"]), float(catalog.attrs["quad_ny"])
     expids = exposures.expid.values.astype(np.int64)
     bands = [str(b) for b in exposures.band.values]
@@ -142,11 +149,9 @@ def night_features(
     for k, expid in enumerate(expids.tolist()):
         if expid not in patch_of:
             raise StoreError(f"nights/{night}/patches has no patch for exposure {expid}")
-        obs = np.nonzero(clean & (catalog.expid.values == expid))[0]
-        rows = np.array(
-            [row_of.get(int(s), -1) for s in catalog.source_id.values[obs]], dtype=np.int64
-        )
-        obs, rows = obs[rows >= 0], rows[rows >= 0]
+        lo = np.searchsorted(usable_expid, expid, side="left")
+        obs = usable[lo : np.searchsorted(usable_expid, expid, side="right")]
+        rows = ref_rows[obs]
         x, y = catalog.x.values[obs], catalog.y.values[obs]
         e = exposures.isel(exposure=k)
         inputs.append(
@@ -304,15 +309,16 @@ def train_zp(
         "code_revision": code_revision(),
         "zero_point_convention": "zp = zp_nominal_mag[band] + offset; m = m_inst + zp",
     }
-    out = save_checkpoint(checkpoint, trained.model, card)
+    out = Path(checkpoint)
     if config.export_onnx:
         model = trained.model.cpu()
+        out.mkdir(parents=True, exist_ok=True)
         export_onnx(model, test, out / ONNX)
         parity = float(
             np.max(np.abs(OnnxScorer(out / ONNX).predict(test)[0] - predict(model, test)[0]))
         )
         card["onnx_max_abs_diff_mag"] = parity
-        save_checkpoint(checkpoint, model, card)
+    save_checkpoint(out, trained.model, card)
     return {"checkpoint": str(out), "metrics": metrics, "exposures": card["split_exposures"]}
 
 
@@ -328,7 +334,7 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
             f"{model.config.patch_px}: recompute the features with the model's config"
         )
     offset, sigma = predict(model, fs)
-    bands = [TELEMETRY_CHANNELS[4 + int(np.argmax(t[4:]))] for t in fs.telemetry]
+    bands = band_of_telemetry(fs.telemetry)
     nominal = np.array([config.zp_nominal_mag[b] for b in bands])
     scores = xr.Dataset(
         {
@@ -379,17 +385,16 @@ def score_zp_task(store: str, night: str, checkpoint: str) -> dict[str, Any]:
 
 def default_checkpoint(store: str) -> str:
     """``models/azprc`` beside a local store; object stores must name one."""
-    if "://" in store and not store.startswith("file://"):
+    if not is_local(store):
         raise ValueError(f"store {store!r} is not local: give the checkpoint directory")
-    root = os.path.dirname(os.path.abspath(store.removeprefix("file://").rstrip("/")))
-    return os.path.join(root, "models", "azprc")
+    return os.path.join(os.path.dirname(os.path.abspath(local_path(store))), "models", "azprc")
 
 
 @task(name="photometered-nights")
 def photometered_nights_task(store: str, nights: list[str] | None) -> list[str]:
     """Nights (of ``nights``, or all) whose catalog and patches are in the store."""
     found = list_children(store, "nights")
-    wanted = found if nights is None else [n for n in found if n in set(nights)]
+    wanted = found if nights is None else sorted(set(found) & set(nights))
     return [
         n
         for n in sorted(wanted)

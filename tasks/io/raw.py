@@ -339,6 +339,16 @@ class RefCatalog:
     def __len__(self) -> int:
         return len(self.source_id)
 
+    def rows_of(self, source_id: np.ndarray) -> np.ndarray:
+        """Row of each of ``source_id`` in this catalog, -1 where it has none."""
+        ids = np.asarray(source_id, dtype=np.int64)
+        if len(self.source_id) == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
+        order = np.argsort(self.source_id)
+        pos = np.searchsorted(self.source_id, ids, sorter=order)
+        rows = order[np.minimum(pos, len(order) - 1)]
+        return np.where(self.source_id[rows] == ids, rows, -1)
+
 
 def validate_file(path: PathLike) -> RawExposure:
     """Check a raw exposure against ``docs/raw-fits.md``, reading few of its pixels.

@@ -54,12 +54,14 @@ def photocal_version() -> str:
         return "unknown"
 
 
-def _is_local(store: str | os.PathLike) -> bool:
+def is_local(store: str | os.PathLike) -> bool:
+    """Whether ``store`` is a local path (plain or ``file://``), not an object store."""
     s = str(store)
     return "://" not in s or s.startswith("file://")
 
 
-def _local_path(store: str | os.PathLike) -> Path:
+def local_path(store: str | os.PathLike) -> Path:
+    """The filesystem path of a local store."""
     s = str(store)
     return Path(s.removeprefix("file://"))
 
@@ -96,10 +98,10 @@ def group_lock(store: str | os.PathLike, group: str, *, shared: bool = False) ->
     (a read-only store) reads without it.
     """
     group = _check_group_name(group)
-    if not _is_local(store):
+    if not is_local(store):
         yield
         return
-    root = _local_path(store)
+    root = local_path(store)
     locks = root.parent / f".{root.name}.locks"
     if shared and not root.is_dir():
         yield  # nothing to read, nothing to wait for
@@ -192,10 +194,10 @@ def write_group(
         **_json_safe(dict(attrs or {})),
         "photocal_version": photocal_version(),
     }
-    if not _is_local(store):
+    if not is_local(store):
         _write_in_place(str(store), group, ds)
         return
-    root = _local_path(store)
+    root = local_path(store)
     root.mkdir(parents=True, exist_ok=True)
     _ensure_parents(root, group)
     staging_root = root.parent / f".{root.name}.staging"
@@ -212,7 +214,7 @@ def write_group(
 
 def _publish(store: str | os.PathLike, group: str, staging: Path, trash: Path) -> None:
     """Swap the complete group at ``staging`` into ``store/group``, under its lock."""
-    target = _local_path(store) / group
+    target = local_path(store) / group
     with group_lock(store, group):
         if target.exists():
             target.rename(trash)
@@ -295,8 +297,8 @@ def begin_group(store: str | os.PathLike, group: str, template: xr.Dataset) -> s
     """
     group = _check_group_name(group)
     template = _prepare(template)
-    if _is_local(store):
-        root = _local_path(store)
+    if is_local(store):
+        root = local_path(store)
         root.mkdir(parents=True, exist_ok=True)
         staging_root = root.parent / f".{root.name}.staging"
         staging_root.mkdir(exist_ok=True)
@@ -346,7 +348,7 @@ def commit_group(
     node.attrs[COMPLETE_ATTR] = True
     if stage_group is not None:
         return
-    _ensure_parents(_local_path(store), group)
+    _ensure_parents(local_path(store), group)
     _publish(store, group, Path(staging), Path(staging).parent / f"old-{uuid.uuid4().hex}")
 
 
