@@ -42,6 +42,7 @@ from calib.ubercal import (
     build_layout,
     solve_ubercal,
 )
+from calib.ubercal.gauge import anchor_stars, prior_equations
 from sim.catalogsim import CatalogSurvey, CatalogSurveyConfig, simulate_catalog_survey
 
 AGREEMENT_MAG = 1e-4
@@ -135,8 +136,8 @@ def design_matrix(s: CatalogSurvey, options: UbercalOptions):
     rows = [np.arange(n)] * 5
     y = s.observations["mag_inst"][good] * sw
     star_n = np.bincount(ix.star[good], minlength=ns)
-    prior = layout.prior_equations(
-        star_n, layout.anchor_stars(star_n, np.bincount(ix.star[good], sw**2, ns))
+    prior = prior_equations(
+        layout, star_n, anchor_stars(layout, star_n, np.bincount(ix.star[good], sw**2, ns))
     )
     use = np.flatnonzero(prior.star_w > 0)
     psw = np.sqrt(prior.star_w[use])

@@ -2,22 +2,19 @@
 ``dzp(quadrant, x, y)``, as a constant per superpixel cell of each quadrant
 (BRIEF §1 step 4; seed 004, "starflat procedure").
 
-Convention (docs/simulator.md): ``m = m_inst + zp + dzp_starflat``. The field is
-fitted by the ubercal solver (:func:`calib.ubercal.solve_ubercal`), either inside
-a full ubercal or alone on a dithered sequence with :func:`fit_starflat`.
+Convention (docs/simulator.md): ``m = m_inst + zp + dzp_starflat``. This module
+holds the fitted field only; it is fitted by the ubercal solver
+(:func:`calib.ubercal.solve_ubercal`), inside a full ubercal or alone on a
+dithered sequence with :func:`calib.ubercal.fit_starflat`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from calib.ubercal import ObservationChunk, ReferenceStars, UbercalOptions
-
-__all__ = ["Starflat", "fit_starflat"]
+__all__ = ["Starflat", "cell_index"]
 
 
 @dataclass(frozen=True)
@@ -90,21 +87,6 @@ class Starflat:
         cy, cx = self.cell_index(np.asarray(x), np.asarray(y))
         return self.dzp_mag[row, cy, cx]
 
-    @classmethod
-    def fit(
-        cls,
-        observations: ObservationChunk,
-        *,
-        quad_nx: int,
-        quad_ny: int,
-        reference: ReferenceStars | None = None,
-        options: UbercalOptions | None = None,
-    ) -> Starflat:
-        """Fit on a dithered sequence; see :func:`fit_starflat`."""
-        return fit_starflat(
-            observations, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=options
-        )
-
 
 def cell_index(
     x: np.ndarray, y: np.ndarray, *, quad_nx: int, quad_ny: int, cells: tuple[int, int]
@@ -119,56 +101,3 @@ def cell_index(
     cx = np.floor((np.asarray(x) + 0.5) * (ncx / quad_nx)).astype(np.int64)
     cy = np.floor((np.asarray(y) + 0.5) * (ncy / quad_ny)).astype(np.int64)
     return np.clip(cy, 0, ncy - 1), np.clip(cx, 0, ncx - 1)
-
-
-def fit_starflat(
-    observations: ObservationChunk,
-    *,
-    quad_nx: int,
-    quad_ny: int,
-    reference: ReferenceStars | None = None,
-    options: UbercalOptions | None = None,
-) -> Starflat:
-    """Fit a starflat on a dithered sequence of exposures (seed 004's procedure).
-
-    The same stars, observed on different cells by dithering, fix the relative
-    response of the cells: this is the ubercal fit with star magnitudes, one zero
-    point per exposure (by default; a photometric night) and the starflat, with
-    outlier rejection.
-
-    A dithered sequence does not constrain the linear gradient of the field across
-    the focal plane: it trades exactly against a sky gradient of the star
-    magnitudes plus a per-exposure zero point, and only the variation within cells
-    tells them apart. The reference catalog, when given, fixes it (it enters as a
-    prior on the star magnitudes, ``UbercalOptions.anchor``); without it the
-    gradient is poorly determined, and its errors say so.
-
-    Parameters
-    ----------
-    observations : ObservationChunk
-        The sequence's catalogs (expid, quadrant, source_id, x, y, mag_inst, ...).
-    quad_nx, quad_ny : int, pixels
-        Quadrant data-section size.
-    reference : ReferenceStars, optional
-        Reference magnitudes (recommended: they fix the field's gradient).
-    options : UbercalOptions, optional
-        Solver options; ``starflat`` is forced on. Default: per-exposure zero
-        points, 10x10 cells, no per-exposure gradient (without a reference catalog
-        its mean over exposures would be left to the variation within cells).
-
-    Returns
-    -------
-    Starflat
-    """
-    # The solver returns this module's Starflat, so it is imported at call time.
-    from calib.ubercal import UbercalOptions, solve_ubercal
-
-    opts = options or UbercalOptions(zp_mode="exposure", exposure_gradient=False)
-    if not opts.starflat:
-        opts = opts.replace(starflat=True)
-    solution = solve_ubercal(
-        observations, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=opts
-    )
-    if solution.starflat is None:
-        raise RuntimeError("solve_ubercal returned no starflat although starflat=True")
-    return solution.starflat

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from calib.starflat import Starflat, cell_index
-from calib.ubercal import ObservationChunk
+from calib.ubercal import ObservationChunk, fit_starflat
 from sim.catalogsim import CatalogSurveyConfig, simulate_catalog_survey
 
 
@@ -71,7 +71,7 @@ def test_dithered_sequence_recovers_the_starflat():
             mag_range=(13.0, 19.0),
         )
     )
-    sf = Starflat.fit(
+    sf = fit_starflat(
         ObservationChunk.from_mapping(s.observations),
         quad_nx=s.config.quad_nx,
         quad_ny=s.config.quad_ny,

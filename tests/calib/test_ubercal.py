@@ -14,11 +14,11 @@ from calib.ubercal import (
     InMemoryObservations,
     ObservationChunk,
     UbercalOptions,
-    _pair_sums,
     accumulate_normal_equations,
     build_layout,
     solve_ubercal,
 )
+from calib.ubercal.normal import _pair_sums
 from sim.catalogsim import CatalogSurvey, CatalogSurveyConfig, simulate_catalog_survey
 
 # 3x2 fields, 6 visits over 3 nights (the second cloudy), 16 quadrants of full ZTF
