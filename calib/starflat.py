@@ -36,6 +36,10 @@ class Starflat:
         ``'quadrant'``: each quadrant's cells average to zero (its mean lives in the
         per exposure-quadrant zero points); ``'focal_plane'``: all cells average to
         zero (per-exposure zero points), so quadrant offsets are part of the field.
+    prior_dominated : ndarray of bool, shape (n_q, ncy, ncx), optional
+        Cells on which the data carry less information than the fit's prior
+        (``UbercalOptions.starflat_prior_mag``): they sit near 0 with nearly the
+        prior's error. None: no cell is.
     """
 
     quadrants: np.ndarray
@@ -44,6 +48,7 @@ class Starflat:
     quad_nx: int
     quad_ny: int
     gauge: str
+    prior_dominated: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.dzp_mag.ndim != 3 or self.dzp_mag.shape[0] != len(self.quadrants):
@@ -53,6 +58,8 @@ class Starflat:
             )
         if self.dzp_err_mag.shape != self.dzp_mag.shape:
             raise ValueError("dzp_err_mag must have the shape of dzp_mag")
+        if self.prior_dominated is not None and self.prior_dominated.shape != self.dzp_mag.shape:
+            raise ValueError("prior_dominated must have the shape of dzp_mag")
 
     @property
     def cells(self) -> tuple[int, int]:

@@ -255,6 +255,8 @@ def print_summary(summary: dict) -> None:
     for band, result in summary.get("ubercal", {}).items():
         stats = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         print(f"  ubercal/{band}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        if "model" in result:
+            print(f"  ubercal/{band} model: {result['model']}")
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"  nights/{night}/catalog: {parts}")

@@ -187,7 +187,12 @@ def run_ubercal_stage(
             "inputs": {"nights": nights, "refcat": os.fspath(refcat_path)},
         },
     )
-    return {"group": group, "nights": nights, **solution.stats.as_dict()}
+    out = {"group": group, "nights": nights, **solution.stats.as_dict()}
+    if solution.sizing is not None:
+        out["model"] = solution.sizing.describe()
+    if solution.starflat is not None and solution.starflat.prior_dominated is not None:
+        out["starflat_cells_at_prior"] = int(solution.starflat.prior_dominated.sum())
+    return out
 
 
 @task(name="ubercal", retries=0)
@@ -235,8 +240,15 @@ def solution_dataset(solution: UbercalSolution, *, plots: bool = True) -> xr.Dat
         "repeatability_n_stars": (("mag_bin",), qa.repeatability_n_stars),
     }
     if sol.starflat is not None:
-        data["starflat"] = (("quadrant", "cell_y", "cell_x"), sol.starflat.dzp_mag)
-        data["starflat_err"] = (("quadrant", "cell_y", "cell_x"), sol.starflat.dzp_err_mag)
+        cells = ("quadrant", "cell_y", "cell_x")
+        data["starflat"] = (cells, sol.starflat.dzp_mag)
+        data["starflat_err"] = (cells, sol.starflat.dzp_err_mag)
+        if sol.starflat.prior_dominated is not None:
+            data["starflat_prior_dominated"] = (cells, sol.starflat.prior_dominated)
+    if sol.gradient_mag is not None:
+        data["gradient"] = (("expid", "axis"), sol.gradient_mag)
+        data["gradient_err"] = (("expid", "axis"), sol.gradient_err_mag)
+        data["gradient_prior_dominated"] = (("expid",), sol.gradient_prior_dominated)
     if sol.colour_term is not None:
         data["colour_term"] = (("quadrant",), sol.colour_term)
         data["colour_term_err"] = (("quadrant",), sol.colour_term_err)
@@ -251,6 +263,7 @@ def solution_dataset(solution: UbercalSolution, *, plots: bool = True) -> xr.Dat
             "quadrant": sol.quadrants,
             "source_id": sol.source_ids,
             "mag_bin": 0.5 * (edges[1:] + edges[:-1]),
+            **({"axis": ["x", "y"]} if sol.gradient_mag is not None else {}),
         },
     )
     ds["zp"].attrs["units"] = "mag"
@@ -260,6 +273,7 @@ def solution_dataset(solution: UbercalSolution, *, plots: bool = True) -> xr.Dat
             "fit_statistics": sol.stats.as_dict(),
             "qa": qa_numbers(sol),
             "options": opt.as_dict(),
+            "sizing": sol.sizing.as_dict() if sol.sizing is not None else None,
             "quad_nx": quad_nx,
             "quad_ny": sol.starflat.quad_ny if sol.starflat is not None else None,
             "starflat_gauge": sol.starflat.gauge if sol.starflat is not None else None,

@@ -64,7 +64,9 @@ def _gauge_pins(layout: UbercalLayout, active: np.ndarray, diag: np.ndarray) -> 
     nz, nc = layout.n_zp, layout.n_cell
     if not layout.n_anchor:
         pinned[int(np.argmax(score[:nz]))] = True
-    if layout.options.starflat:
+    # A prior on the cells fixes their trade against the zero points (its minimum
+    # along it is the zero mean of the cells): nothing to pin.
+    if layout.options.starflat and layout.options.starflat_prior_mag is None:
         cells = score[nz : nz + nc].reshape(layout.n_q, layout.n_cell_per_q)
         if layout.options.zp_mode == "exposure_quadrant":
             for iq in range(layout.n_q):

@@ -16,6 +16,7 @@ from calib.ubercal.observations import (
     _lookup,
 )
 from calib.ubercal.options import UbercalOptions
+from calib.ubercal.sizing import ModelSizing, size_model
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class UbercalLayout:
     ref_bp_rp : ndarray, shape (n_star,), mag
     quad_nx, quad_ny : int, pixels
     options : UbercalOptions
+        With ``zp_mode`` and ``cells`` settled (never ``'auto'``).
+    sizing : ModelSizing or None
+        How they were settled.
     """
 
     expids: np.ndarray
@@ -52,6 +56,7 @@ class UbercalLayout:
     quad_nx: int
     quad_ny: int
     options: UbercalOptions
+    sizing: ModelSizing | None = None
 
     @property
     def n_star(self) -> int:
@@ -68,7 +73,7 @@ class UbercalLayout:
 
     @property
     def n_cell_per_q(self) -> int:
-        return self.options.cells[0] * self.options.cells[1]
+        return self.options.grid[0] * self.options.grid[1]
 
     @property
     def n_cell(self) -> int:
@@ -112,9 +117,9 @@ class UbercalLayout:
         valid = (e >= 0) & (iq >= 0) & (s >= 0)
         zp = e * self.n_q + iq if self.options.zp_mode == "exposure_quadrant" else e.copy()
         cy, cx = cell_index(
-            chunk.x, chunk.y, quad_nx=self.quad_nx, quad_ny=self.quad_ny, cells=self.options.cells
+            chunk.x, chunk.y, quad_nx=self.quad_nx, quad_ny=self.quad_ny, cells=self.options.grid
         )
-        cell = iq * self.n_cell_per_q + cy * self.options.cells[1] + cx
+        cell = iq * self.n_cell_per_q + cy * self.options.grid[1] + cx
         qy, qx = cell_index(
             chunk.x,
             chunk.y,
@@ -161,7 +166,9 @@ def build_layout(
     reference: ReferenceStars | None = None,
     options: UbercalOptions | None = None,
 ) -> UbercalLayout:
-    """Collect the exposures, quadrants and stars of ``source`` (one pass).
+    """Collect the exposures, quadrants and stars of ``source`` (one pass), and
+    size the model to the data where the options leave it to ``'auto'`` (one
+    more pass, :mod:`calib.ubercal.sizing`).
 
     Parameters
     ----------
@@ -176,6 +183,7 @@ def build_layout(
     if quad_nx < 1 or quad_ny < 1:
         raise ValueError(f"quad_nx and quad_ny must be positive, got {quad_nx}, {quad_ny}")
     ids = source.map_reduce(_chunk_ids)
+    opts, sizing = size_model(source, ids, quad_nx=quad_nx, quad_ny=quad_ny, options=opts)
     n = len(ids.source_id)
     ref_mag = np.full(n, np.nan)
     ref_err = np.full(n, np.nan)
@@ -202,4 +210,5 @@ def build_layout(
         quad_nx=int(quad_nx),
         quad_ny=int(quad_ny),
         options=opts,
+        sizing=sizing,
     )

@@ -13,12 +13,41 @@ class UbercalOptions:
 
     Attributes
     ----------
-    zp_mode : {'exposure_quadrant', 'exposure'}
-        One zero point per exposure and quadrant, or one per exposure.
+    zp_mode : {'auto', 'exposure_quadrant', 'exposure'}
+        One zero point per exposure and quadrant, or one per exposure; ``'auto'``
+        sizes it to the data (:mod:`calib.ubercal.sizing`): per exposure-quadrant
+        when the median exposure-quadrant has at least ``auto_min_obs_per_zp``
+        usable observations of stars seen twice or more, else per exposure.
     starflat : bool
         Fit a starflat (delta-zp per superpixel cell of each quadrant).
-    cells : (int, int)
-        Starflat grid per quadrant, (ncy, ncx).
+    cells : (int, int) or 'auto'
+        Starflat grid per quadrant, (ncy, ncx); ``'auto'`` sizes it to the data:
+        ``n`` cells per axis with ``n <= auto_max_cells``, ``n^2 <= (median usable
+        observations per quadrant) / auto_obs_per_cell`` and ``n <=
+        auto_cells_per_dither x`` (median rms position of a star over its visits,
+        in quadrant widths), at least 1.
+    auto_min_obs_per_zp : float
+        Sizing rule of ``zp_mode='auto'``.
+    auto_obs_per_cell : float
+        Sizing rule of ``cells='auto'``: observations wanted per cell.
+    auto_max_cells : int
+        Sizing rule of ``cells='auto'``: most cells per axis.
+    auto_cells_per_dither : float
+        Sizing rule of ``cells='auto'``: cells per axis per quadrant width of rms
+        dither (a star that hardly moves cannot tell neighbouring cells apart).
+    starflat_prior_mag : float or None, mag
+        Prior scatter of each starflat cell about zero: a cell the data do not
+        constrain comes out at 0 with this error (flagged ``prior_dominated``)
+        instead of making the system singular. The prior also fixes the exact
+        per-quadrant (per focal plane) zero point/starflat trade: its minimum
+        along that direction is the zero mean of the cells, the stated gauge.
+        None: no prior (the trade is then pinned and unconstrained cells raise).
+    starflat_smoothness_mag : float or None, mag
+        Prior scatter of the difference between neighbouring cells of a
+        quadrant (a smoothness penalty); None: none.
+    gradient_prior_mag : float or None, mag
+        Prior scatter of each exposure's gradient coefficients about zero (the
+        change across one quadrant width); None: none.
     colour_term : bool
         Fit a per-quadrant colour term ``k_q (bp_rp - colour_pivot)``; needs a
         reference catalog with ``bp_rp``.
@@ -46,11 +75,29 @@ class UbercalOptions:
         The clipping is stable when at most this fraction of the usable
         observations changed side in the last pass (a few flip back and forth
         across the threshold forever) and no star was newly rejected.
-    solver : {'auto', 'dense', 'sparse'}
-        Factorisation of the reduced system: dense Cholesky, sparse LU, or dense
-        up to ``dense_max_params`` unknowns and sparse above.
+    solver : {'auto', 'dense', 'sparse', 'iterative'}
+        Solver of the reduced system: dense Cholesky or sparse LU of the formed
+        Schur complement, or matrix-free preconditioned conjugate gradients
+        (:mod:`calib.ubercal.iterative`: the Schur complement is applied in one
+        pass over the observations per iteration and never formed); ``'auto'``:
+        dense up to ``dense_max_params`` unknowns, iterative above.
     dense_max_params : int
         Largest reduced system solved densely by ``'auto'``.
+    cg_tolerance : float
+        Iterative solver: stop when the residual norm of the reduced system is
+        this fraction of the right-hand side's.
+    cg_max_iterations : int
+        Iterative solver: most iterations per solve.
+    preconditioner : {'block_jacobi', 'jacobi'}
+        Iterative solver: exact diagonal blocks of the Schur complement per
+        exposure (its zero points and gradients) and per quadrant (its cells),
+        or its diagonal only (docs/ubercal.md has the measurements).
+    partition_obs : int
+        Iterative solver: observations per star-complete partition (every
+        observation of a star in one partition, so that the star block is
+        eliminated inside the partition and one pass applies the Schur complement).
+    error_cg_tolerance : float
+        Iterative solver: tolerance of the solves of the error estimate.
     anchor : {'prior', 'offset'}
         How the reference catalog fixes the gauge. ``'prior'``: every reference
         star of the anchor colour range enters the fit as an observation of its
@@ -77,7 +124,9 @@ class UbercalOptions:
         Clipping of ``m_ref - m_s`` in the anchor.
     error_samples : int
         Random draws used to estimate errors where they are not computed exactly
-        (all parameters on the sparse path; the zero-point part of star errors).
+        (all parameters on the sparse path; the zero-point part of star errors);
+        on the iterative path, Rademacher probes of the stochastic diagonal
+        estimate (:mod:`calib.ubercal.iterative`).
     chunk_size : int
         Observations per chunk when the input is one in-memory table.
     qa_cells : (int, int)
@@ -91,9 +140,16 @@ class UbercalOptions:
         Seed of the error sampling.
     """
 
-    zp_mode: Literal["exposure_quadrant", "exposure"] = "exposure_quadrant"
+    zp_mode: Literal["auto", "exposure_quadrant", "exposure"] = "auto"
     starflat: bool = True
-    cells: tuple[int, int] = (10, 10)
+    cells: tuple[int, int] | Literal["auto"] = "auto"
+    auto_min_obs_per_zp: float = 10.0
+    auto_obs_per_cell: float = 100.0
+    auto_max_cells: int = 10
+    auto_cells_per_dither: float = 50.0
+    starflat_prior_mag: float | None = 0.05
+    starflat_smoothness_mag: float | None = None
+    gradient_prior_mag: float | None = 0.05
     colour_term: bool = False
     colour_pivot: float = 1.0
     exposure_gradient: bool = True
@@ -102,8 +158,13 @@ class UbercalOptions:
     star_clip_sigma: float = 5.0
     max_iterations: int = 10
     clip_tolerance: float = 1e-5
-    solver: Literal["auto", "dense", "sparse"] = "auto"
+    solver: Literal["auto", "dense", "sparse", "iterative"] = "auto"
     dense_max_params: int = 8000
+    cg_tolerance: float = 1e-9
+    cg_max_iterations: int = 3000
+    preconditioner: Literal["block_jacobi", "jacobi"] = "block_jacobi"
+    partition_obs: int = 2_000_000
+    error_cg_tolerance: float = 1e-4
     anchor: Literal["prior", "offset"] = "prior"
     anchor_scatter_mag: float = 0.01
     anchor_bp_rp_range: tuple[float, float] = (0.5, 1.5)
@@ -117,16 +178,34 @@ class UbercalOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.zp_mode not in ("exposure_quadrant", "exposure"):
+        if self.zp_mode not in ("auto", "exposure_quadrant", "exposure"):
             raise ValueError(
-                f"zp_mode must be 'exposure_quadrant' or 'exposure', got {self.zp_mode!r}"
+                f"zp_mode must be 'auto', 'exposure_quadrant' or 'exposure', got {self.zp_mode!r}"
             )
-        if self.solver not in ("auto", "dense", "sparse"):
-            raise ValueError(f"solver must be 'auto', 'dense' or 'sparse', got {self.solver!r}")
+        if self.solver not in ("auto", "dense", "sparse", "iterative"):
+            raise ValueError(
+                f"solver must be 'auto', 'dense', 'sparse' or 'iterative', got {self.solver!r}"
+            )
+        if self.preconditioner not in ("block_jacobi", "jacobi"):
+            raise ValueError(
+                f"preconditioner must be 'block_jacobi' or 'jacobi', got {self.preconditioner!r}"
+            )
+        if isinstance(self.cells, list):  # from JSON (pydantic, attrs)
+            object.__setattr__(self, "cells", tuple(self.cells))
         for name in ("cells", "qa_cells"):
             v = getattr(self, name)
-            if len(v) != 2 or min(v) < 1:
-                raise ValueError(f"{name} must be two positive integers (ny, nx), got {v!r}")
+            if name == "cells" and v == "auto":
+                continue
+            if isinstance(v, str) or len(v) != 2 or min(v) < 1:
+                raise ValueError(
+                    f"{name} must be two positive integers (ny, nx)"
+                    + (" or 'auto'" if name == "cells" else "")
+                    + f", got {v!r}"
+                )
+        for name in ("starflat_prior_mag", "starflat_smoothness_mag", "gradient_prior_mag"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {v}")
         if self.anchor not in ("prior", "offset"):
             raise ValueError(f"anchor must be 'prior' or 'offset', got {self.anchor!r}")
         for name in ("error_floor_mag", "clip_tolerance"):
@@ -138,6 +217,11 @@ class UbercalOptions:
             "anchor_clip_sigma",
             "anchor_scatter_mag",
             "anchor_max_obs_err_mag",
+            "auto_min_obs_per_zp",
+            "auto_obs_per_cell",
+            "auto_cells_per_dither",
+            "cg_tolerance",
+            "error_cg_tolerance",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -147,9 +231,19 @@ class UbercalOptions:
             "chunk_size",
             "dense_max_params",
             "threads",
+            "auto_max_cells",
+            "cg_max_iterations",
+            "partition_obs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The starflat grid (ncy, ncx) once sized (not ``'auto'``)."""
+        if isinstance(self.cells, str):
+            raise ValueError("cells: 'auto' is resolved by build_layout; no grid yet")
+        return self.cells
 
     def replace(self, **changes: object) -> UbercalOptions:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -54,6 +54,8 @@ class FitStatistics:
         its error (``anchor='offset'``); with the prior, 0 and the error of the
         mean zero point.
     n_anchor_stars : int
+    cg_iterations : int
+        Conjugate-gradient iterations over all passes (iterative solver; 0 else).
     """
 
     chi2: float
@@ -72,6 +74,7 @@ class FitStatistics:
     anchor_offset_mag: float
     anchor_offset_err_mag: float
     n_anchor_stars: int
+    cg_iterations: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,7 +25,9 @@ from calib.ubercal.observations import (
 )
 from calib.ubercal.options import UbercalOptions
 from calib.ubercal.outliers import _PassState, _PassStatistics, _rejected_stars, _run_pass
+from calib.ubercal.priors import parameter_prior, prior_rows
 from calib.ubercal.qa import FitStatistics, UbercalQA, _qa
+from calib.ubercal.sizing import ModelSizing
 from calib.ubercal.solvers import _Parameters, _solve, _Solved
 
 
@@ -57,6 +59,13 @@ class UbercalSolution:
     stats : FitStatistics
     qa : UbercalQA
     options : UbercalOptions
+        As fitted (``zp_mode`` and ``cells`` settled).
+    gradient_mag, gradient_err_mag : ndarray, shape (n_exp, 2), mag, or None
+        Per-exposure gradient coefficients ``(g_x, g_y)`` and errors.
+    gradient_prior_dominated : ndarray of bool, shape (n_exp,), or None
+        Exposures whose gradient the data constrain less than its prior.
+    sizing : ModelSizing or None
+        How the zero-point granularity and the starflat grid were chosen.
     """
 
     expids: np.ndarray
@@ -75,6 +84,10 @@ class UbercalSolution:
     stats: FitStatistics
     qa: UbercalQA
     options: UbercalOptions
+    gradient_mag: np.ndarray | None = None
+    gradient_err_mag: np.ndarray | None = None
+    gradient_prior_dominated: np.ndarray | None = None
+    sizing: ModelSizing | None = None
 
     def calibrate(self, chunk: ObservationChunk, *, bp_rp: np.ndarray | None = None) -> np.ndarray:
         """Calibrated magnitudes ``m_inst + zp + dzp (+ k (bp_rp - pivot))`` of
@@ -228,7 +241,7 @@ def _finish(
     active = solved.active
     p = _gauge_transform(solved.params.p, layout, active, centre_zp=False)
     star_mag = solved.params.star_mag.copy()
-    nz, nc = layout.n_zp, layout.n_cell
+    nz = layout.n_zp
     if opt.colour_term:
         # Moving the mean colour term into the star magnitudes keeps every model value.
         shift = p[layout.colour_slice] - solved.params.p[layout.colour_slice]
@@ -257,30 +270,6 @@ def _finish(
     inv_d = np.divide(1.0, ne.star_w, out=np.full_like(ne.star_w, np.nan), where=ne.star_w > 0)
     star_err = np.sqrt(inv_d + star_var_p)
 
-    n_exp, nq = len(layout.expids), layout.n_q
-    if opt.zp_mode == "exposure_quadrant":
-        zp = p[:nz].reshape(n_exp, nq)
-        zp_err = np.sqrt(p_var[:nz]).reshape(n_exp, nq)
-    else:
-        zp = np.repeat(p[:nz, None], nq, axis=1)
-        zp_err = np.repeat(np.sqrt(p_var[:nz])[:, None], nq, axis=1)
-    starflat = None
-    if opt.starflat:
-        shape = (nq, *opt.cells)
-        starflat = Starflat(
-            quadrants=layout.quadrants,
-            dzp_mag=p[nz : nz + nc].reshape(shape),
-            dzp_err_mag=np.sqrt(p_var[nz : nz + nc]).reshape(shape),
-            quad_nx=layout.quad_nx,
-            quad_ny=layout.quad_ny,
-            gauge="quadrant" if opt.zp_mode == "exposure_quadrant" else "focal_plane",
-        )
-    colour, colour_err = (
-        (p[layout.colour_slice], np.sqrt(p_var[layout.colour_slice]))
-        if opt.colour_term
-        else (None, None)
-    )
-
     nobs = stats.star_nobs
     with np.errstate(invalid="ignore", divide="ignore"):
         n = np.maximum(nobs, 1)
@@ -288,13 +277,64 @@ def _finish(
             np.maximum(stats.star_r2 - stats.star_r1**2 / n, 0.0) / np.maximum(nobs - 1, 1)
         )
         rms = np.where(nobs >= 2, rms, np.nan)
-    c = stats.counts
-    # The reference prior's equations count as observations.
+    fit_stats = _fit_statistics(
+        layout,
+        stats.counts,
+        chi2_prior=chi2_prior + _parameter_prior_chi2(layout, solved.params.p),
+        n_anchor=n_anchor,
+        n_star_fitted=int(np.count_nonzero(ne.star_w > 0)),
+        n_free=solved.n_free,
+        n_rejected_stars=int(rejected.sum()),
+        passes=passes,
+        converged=converged,
+        method=solved.method,
+        offset=(offset, offset_err),
+    )
+    return _assemble(
+        layout,
+        p=p,
+        p_var=p_var,
+        flags=solved.prior_dominated,
+        star_mag=star_mag,
+        star_mag_err=np.where(np.isfinite(star_mag), star_err, np.nan),
+        star_n_obs=nobs,
+        star_rms=rms,
+        star_rejected=rejected,
+        stats=fit_stats,
+        qa=_qa(stats, layout, star_mag, rms),
+    )
+
+
+def _parameter_prior_chi2(layout: UbercalLayout, p: np.ndarray) -> float:
+    """``p^T P p`` of the parameter priors (centred on zero)."""
+    P = parameter_prior(layout)
+    if not P.nnz:
+        return 0.0
+    x = np.nan_to_num(p)
+    return float(x @ (P @ x))
+
+
+def _fit_statistics(
+    layout: UbercalLayout,
+    counts: dict[str, float],
+    *,
+    chi2_prior: float,
+    n_anchor: int,
+    n_star_fitted: int,
+    n_free: int,
+    n_rejected_stars: int,
+    passes: int,
+    converged: bool,
+    method: str,
+    offset: tuple[float, float],
+) -> FitStatistics:
+    c = counts
+    # The reference prior's equations and the parameter priors count as observations.
     dof = int(
-        c["n_used"] + n_anchor * layout.n_anchor - np.count_nonzero(ne.star_w > 0) - solved.n_free
+        c["n_used"] + n_anchor * layout.n_anchor + prior_rows(layout) - n_star_fitted - n_free
     )
     chi2 = float(c["chi2"]) + chi2_prior
-    fit_stats = FitStatistics(
+    return FitStatistics(
         chi2=chi2,
         dof=dof,
         chi2_per_dof=chi2 / dof if dof > 0 else math.nan,
@@ -303,15 +343,65 @@ def _finish(
         n_used=int(c["n_used"]),
         n_rejected=int(c["n_good"] - c["n_used"]),
         n_clipped=int(c["n_clipped"]),
-        n_rejected_stars=int(rejected.sum()),
+        n_rejected_stars=n_rejected_stars,
         iterations=passes,
         converged=converged,
-        solver=solved.method,
-        n_params=solved.n_free,
-        anchor_offset_mag=float(offset),
-        anchor_offset_err_mag=float(offset_err),
+        solver=method,
+        n_params=n_free,
+        anchor_offset_mag=float(offset[0]),
+        anchor_offset_err_mag=float(offset[1]),
         n_anchor_stars=int(n_anchor),
+        cg_iterations=int(c.get("cg_iterations", 0)),
     )
+
+
+def _assemble(
+    layout: UbercalLayout,
+    *,
+    p: np.ndarray,
+    p_var: np.ndarray,
+    flags: np.ndarray,
+    star_mag: np.ndarray,
+    star_mag_err: np.ndarray,
+    star_n_obs: np.ndarray,
+    star_rms: np.ndarray,
+    star_rejected: np.ndarray,
+    stats: FitStatistics,
+    qa: UbercalQA,
+) -> UbercalSolution:
+    """The solution from parameters in the final gauge (``p``, ``p_var``, the
+    prior-dominated ``flags``, all (n_param,)) and the per-star results."""
+    opt = layout.options
+    nz, nc = layout.n_zp, layout.n_cell
+    n_exp, nq = len(layout.expids), layout.n_q
+    err = np.sqrt(p_var)
+    if opt.zp_mode == "exposure_quadrant":
+        zp = p[:nz].reshape(n_exp, nq)
+        zp_err = err[:nz].reshape(n_exp, nq)
+    else:
+        zp = np.repeat(p[:nz, None], nq, axis=1)
+        zp_err = np.repeat(err[:nz, None], nq, axis=1)
+    starflat = None
+    if opt.starflat:
+        shape = (nq, *opt.grid)
+        starflat = Starflat(
+            quadrants=layout.quadrants,
+            dzp_mag=p[nz : nz + nc].reshape(shape),
+            dzp_err_mag=err[nz : nz + nc].reshape(shape),
+            quad_nx=layout.quad_nx,
+            quad_ny=layout.quad_ny,
+            gauge="quadrant" if opt.zp_mode == "exposure_quadrant" else "focal_plane",
+            prior_dominated=flags[nz : nz + nc].reshape(shape),
+        )
+    colour, colour_err = (
+        (p[layout.colour_slice], err[layout.colour_slice]) if opt.colour_term else (None, None)
+    )
+    gradient = gradient_err = None
+    gradient_flags_arr: np.ndarray | None = None
+    if opt.exposure_gradient:
+        g = slice(layout.gradient_start, layout.gradient_start + layout.n_gradient)
+        gradient, gradient_err = p[g].reshape(n_exp, 2), err[g].reshape(n_exp, 2)
+        gradient_flags_arr = np.asarray(flags[g].reshape(n_exp, 2).any(axis=1))
     return UbercalSolution(
         expids=layout.expids,
         quadrants=layout.quadrants,
@@ -319,16 +409,20 @@ def _finish(
         zp_err_mag=zp_err,
         source_ids=layout.source_ids,
         star_mag=star_mag,
-        star_mag_err=np.where(np.isfinite(star_mag), star_err, np.nan),
-        star_n_obs=nobs,
-        star_rms_mag=rms,
-        star_rejected=rejected,
+        star_mag_err=star_mag_err,
+        star_n_obs=star_n_obs,
+        star_rms_mag=star_rms,
+        star_rejected=star_rejected,
         starflat=starflat,
         colour_term=colour,
         colour_term_err=colour_err,
-        stats=fit_stats,
-        qa=_qa(stats, layout, star_mag, rms),
+        stats=stats,
+        qa=qa,
         options=opt,
+        gradient_mag=gradient,
+        gradient_err_mag=gradient_err,
+        gradient_prior_dominated=gradient_flags_arr,
+        sizing=layout.sizing,
     )
 
 

@@ -16,6 +16,7 @@ from calib.ubercal.errors import DisconnectedGraphError, UbercalError, _singular
 from calib.ubercal.gauge import _gauge_pins
 from calib.ubercal.layout import UbercalLayout
 from calib.ubercal.normal import NormalEquations
+from calib.ubercal.priors import parameter_prior, prior_dominated
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class _Solved:
     factor: object  # (L, True) with L the clean lower Cholesky factor, or SuperLU
     n_free: int
     prior_ne: NormalEquations | None  # the reference prior's part of ``ne``
+    prior_dominated: np.ndarray  # (n_param,) bool: the data say less than the prior
 
 
 def _inverse_star_weight(star_w: np.ndarray) -> np.ndarray:
@@ -129,16 +131,19 @@ def _solve(
     S = _schur(ne, prior, stars, opt.threads)
     inv_d = _inverse_star_weight(ne.star_w)
     b = ne.bp - ne.aps @ (ne.star_b * inv_d)
-    diag_a = ne.app.diagonal()
+    P = parameter_prior(layout)
+    diag_p = P.diagonal()
+    diag_a = ne.app.diagonal() + diag_p
     diag_s = S.diagonal()
-    # A parameter seen only by stars observed once has A_pp > 0 but S_pp = 0.
-    active = (diag_a > 0) & (diag_s > 1e-9 * diag_a)
+    # A parameter seen only by stars observed once has A_pp > 0 but S_pp = 0;
+    # one with a prior is always constrained (by it, at least).
+    active = (diag_a > 0) & (diag_s + diag_p > 1e-9 * diag_a)
     if not active[: layout.n_zp].any():
         raise UbercalError("no zero point is constrained: no star is observed twice")
     _check_connected(S, layout, active)
-    free = active & ~_gauge_pins(layout, active, diag_s)
+    free = active & ~_gauge_pins(layout, active, diag_s + diag_p)
     fi = np.flatnonzero(free)
-    Sff = S[fi][:, fi]
+    Sff = (S + P)[fi][:, fi] if P.nnz else S[fi][:, fi]
     use_dense = opt.solver == "dense" or (opt.solver == "auto" and len(fi) <= opt.dense_max_params)
     if use_dense:
         try:
@@ -169,7 +174,8 @@ def _solve(
     p[~active] = np.nan
     star_mag = _back_substitute(ne, p, inv_d, active)
     params = _Parameters(p=p, star_mag=star_mag, star_weight=ne.star_w)
-    return _Solved(ne, S, params, active, free, method, factor, len(fi), prior_ne)
+    flags = prior_dominated(diag_s, P)
+    return _Solved(ne, S, params, active, free, method, factor, len(fi), prior_ne, flags)
 
 
 def _back_substitute(

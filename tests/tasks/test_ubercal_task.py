@@ -50,7 +50,12 @@ def test_stage_writes_the_ubercal_group(filled, tmp_path):
     assert stats["iterations"] >= 2
     assert stats["n_rejected"] > 0
     assert ds.attrs["config"]["band"] == "r"
-    assert ds.attrs["config"]["options"]["zp_mode"] == "exposure_quadrant"
+    # The model was sized to the data (auto) and the decision recorded.
+    assert ds.attrs["config"]["options"]["zp_mode"] == "auto"
+    assert ds.attrs["options"]["zp_mode"] == "exposure_quadrant"
+    assert ds.attrs["sizing"]["zp_mode_rule"] == "auto"
+    assert ds.attrs["sizing"]["cells"] == list(ds.starflat.shape[1:])
+    assert "exposure-quadrant" in out["model"]
     assert ds.attrs["inputs"]["nights"] == out["nights"]
     assert ds.attrs["qa"]["repeatability_bright_median_mag"] < 0.01
     # Zero points match the truth after the gauge offset, within their errors.
