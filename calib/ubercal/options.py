@@ -164,7 +164,7 @@ class UbercalOptions:
     cg_max_iterations: int = 3000
     preconditioner: Literal["block_jacobi", "jacobi"] = "block_jacobi"
     partition_obs: int = 2_000_000
-    error_cg_tolerance: float = 1e-4
+    error_cg_tolerance: float = 1e-3
     anchor: Literal["prior", "offset"] = "prior"
     anchor_scatter_mag: float = 0.01
     anchor_bp_rp_range: tuple[float, float] = (0.5, 1.5)

@@ -103,14 +103,19 @@ def _model_residual(params: _Parameters, prep: _Prepared, layout: UbercalLayout)
 
 
 def _selected(
-    prep: _Prepared, layout: UbercalLayout, params: _Parameters | None, rejected: np.ndarray
+    prep: _Prepared,
+    layout: UbercalLayout,
+    params: _Parameters | None,
+    rejected: np.ndarray,
+    residual: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(used, clipped, residual) under a solution and a set of rejected stars."""
+    """(used, clipped, residual) under a solution and a set of rejected stars;
+    ``residual`` when the caller has computed it already."""
     star_ok = ~rejected[np.where(prep.good, prep.ix.star, 0)]
     if params is None:
         n = len(prep.w)
         return prep.good & star_ok, np.zeros(n, dtype=bool), np.full(n, np.nan)
-    r = _model_residual(params, prep, layout)
+    r = _model_residual(params, prep, layout) if residual is None else residual
     # The solution does not say which observations it was fitted on, so both
     # normalisations are formed. Fitted, a residual's variance is sigma^2 (1 - h),
     # h = w / W_star its leverage on the star magnitude (without it, stars with 2-3
@@ -147,11 +152,9 @@ def _run_pass(
     return the change from the previous pass's selection (rebuilt from
     ``state.previous``, so chunks keep no state between passes)."""
     prep = _prepare(chunk, layout)
-    opt = layout.options
     used, clipped, r = _selected(prep, layout, state.current, state.star_rejected)
     remembered = prep.last_used.pop((id(state.previous), id(state.star_rejected_before)), None)
     prep.last_used[(id(state.current), id(state.star_rejected))] = used
-    ns = layout.n_star
     delta: NormalEquations | None = None
     if state.current is None:
         delta = _normal_equations(prep, layout, np.flatnonzero(used))
@@ -165,6 +168,26 @@ def _run_pass(
             removed = _normal_equations(prep, layout, np.flatnonzero(before & ~used))
             delta = added - removed
         changed = int(np.count_nonzero(used != before))
+    stats = _statistics(
+        prep, layout, used, clipped, r, changed=changed, solved=state.current is not None
+    )
+    return _PassResult(delta, stats)
+
+
+def _statistics(
+    prep: _Prepared,
+    layout: UbercalLayout,
+    used: np.ndarray,
+    clipped: np.ndarray,
+    r: np.ndarray,
+    *,
+    changed: int,
+    solved: bool,
+) -> _PassStatistics:
+    """Statistics of a selection (``used``, ``clipped``; residuals ``r`` under
+    the solution it was made with, when ``solved``)."""
+    opt = layout.options
+    ns = layout.n_star
     k = np.flatnonzero(used)
     s, wk = prep.ix.star[k], prep.w[k]
     nqa = layout.n_q * opt.qa_cells[0] * opt.qa_cells[1]
@@ -190,7 +213,7 @@ def _run_pass(
             "chi2": 0.0,
         },
     )
-    if state.current is not None:
+    if solved:
         rk = r[k]
         width = 2 * _QA_HIST_HALF_RANGE_MAG / _QA_HIST_BINS
         sel = np.flatnonzero(wk > _QA_MAX_ERR_MAG**-2)
@@ -219,7 +242,7 @@ def _run_pass(
             qa_hist=hist.reshape(nqa, _QA_HIST_BINS),
             counts={**stats.counts, "chi2": float(np.sum(wk * rk * rk))},
         )
-    return _PassResult(delta, stats)
+    return stats
 
 
 def _rejected_stars(stats: _PassStatistics, sigma: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from calib.starflat import Starflat
 from calib.ubercal.covariance import _parameter_variances
 from calib.ubercal.errors import UbercalError
 from calib.ubercal.gauge import _anchor, _gauge_transform, anchor_stars, prior_equations
+from calib.ubercal.iterative import IterativeResult, solve_iterative
 from calib.ubercal.layout import UbercalLayout, build_layout
 from calib.ubercal.normal import NormalEquations, _prepare
 from calib.ubercal.observations import (
@@ -149,10 +150,63 @@ def solve_ubercal(
     layout = build_layout(
         source, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=opt
     )
+    lay_opt = layout.options
+    if lay_opt.solver == "iterative" or (
+        lay_opt.solver == "auto" and layout.n_param > lay_opt.dense_max_params
+    ):
+        return _finish_iterative(solve_iterative(source, layout), layout)
     if isinstance(source, InMemoryObservations):
         # Index once: every outlier pass reuses the mapped identifiers and weights.
         source = InMemoryObservations([_prepare(c, layout) for c in source.chunks])
     return _iterate(source, layout)
+
+
+def _finish_iterative(res: IterativeResult, layout: UbercalLayout) -> UbercalSolution:
+    """The solution of the iterative path (the same steps as :func:`_finish`)."""
+    opt = layout.options
+    p = res.p.copy()
+    star_mag = res.star_mag.copy()
+    if opt.colour_term:
+        shift = p[layout.colour_slice] - res.p_solve[layout.colour_slice]
+        star_mag += np.nanmean(shift) * layout.colour
+    star_mag = np.where(res.star_rejected, np.nan, star_mag)
+    if layout.n_anchor:
+        offset, offset_err, n_anchor = 0.0, res.mean_zp_err, res.n_anchor
+        chi2_prior = res.chi2_prior
+    else:
+        offset, offset_err, n_anchor = _anchor(layout, star_mag, res.star_n, res.star_weight)
+        chi2_prior = 0.0
+    p[: layout.n_zp] += offset
+    star_mag += offset
+    w = res.star_weight
+    inv_d = np.divide(1.0, w, out=np.full_like(w, np.nan), where=w > 0)
+    star_err = np.sqrt(inv_d + res.star_var_p)
+    fit_stats = _fit_statistics(
+        layout,
+        {**res.stats.counts, "cg_iterations": res.cg_iterations},
+        chi2_prior=chi2_prior + _parameter_prior_chi2(layout, res.p_solve),
+        n_anchor=n_anchor,
+        n_star_fitted=int(np.count_nonzero(w > 0)),
+        n_free=res.n_free,
+        n_rejected_stars=int(res.star_rejected.sum()),
+        passes=res.passes,
+        converged=res.converged,
+        method=res.method,
+        offset=(offset, offset_err),
+    )
+    return _assemble(
+        layout,
+        p=p,
+        p_var=res.p_var,
+        flags=res.flags,
+        star_mag=star_mag,
+        star_mag_err=np.where(np.isfinite(star_mag), star_err, np.nan),
+        star_n_obs=res.star_nobs,
+        star_rms=res.star_rms,
+        star_rejected=res.star_rejected,
+        stats=fit_stats,
+        qa=_qa(res.stats, layout, star_mag, res.star_rms),
+    )
 
 
 def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolution:
