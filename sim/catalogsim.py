@@ -110,6 +110,9 @@ class CatalogSurveyConfig:
         Scale of the starflat pattern (the pixel simulator's default).
     cells : (int, int)
         Superpixel grid (ny, nx) of the truth starflat cell means.
+    secondary_grid : bool
+        Also visit a secondary grid of fields offset by half a field in both
+        axes (as ZTF's secondary grid), each as often as a primary field.
     """
 
     seed: int = 0
@@ -139,6 +142,7 @@ class CatalogSurveyConfig:
     refcat_limit_mag: float = 21.0
     starflat_amplitude_mag: float = 0.010
     cells: tuple[int, int] = (10, 10)
+    secondary_grid: bool = False
 
     def __post_init__(self) -> None:
         if self.band not in EXTINCTION_PER_AIRMASS:
@@ -268,7 +272,10 @@ def _schedule(cfg: CatalogSurveyConfig, field_step: tuple[float, float], fp_size
     """Visits: every field ``visits_per_field`` times, round-robin over nights."""
     rng = rng_for(cfg.seed, "catalogsim-schedule")
     nfx, nfy = cfg.n_fields_x, cfg.n_fields_y
-    fields = [(i, j) for j in range(nfy) for i in range(nfx)]
+    fields = [(float(i), float(j)) for j in range(nfy) for i in range(nfx)]
+    if cfg.secondary_grid:
+        # ZTF-like: a second grid shifted by half a field, filling the gaps.
+        fields += [(i + 0.5, j + 0.5) for j in range(nfy - 1) for i in range(nfx - 1)]
     rows = []
     first = dt.date.fromisoformat(cfg.first_night)
     for night_index in range(cfg.n_nights):

@@ -17,7 +17,9 @@ variables ``starflat_png`` and ``residual_png`` (dims ``starflat_png_bytes``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +39,7 @@ from calib.ubercal import (
     UbercalSolution,
     solve_ubercal,
 )
+from calib.ubercal.iterative import Partitions, concat_chunks, partition_in_memory, split_chunk
 from sim.camera import Camera
 from sim.config import CameraConfig
 from tasks.io.raw import read_refcat
@@ -63,9 +66,11 @@ class UbercalStageConfig(BaseModel):
         description="Fit options (calib.ubercal.UbercalOptions: zero-point mode, starflat "
         "cells, colour term, error floor, clipping, solver, anchor).",
     )
-    scheduler: Literal["threads", "synchronous"] = Field(
+    scheduler: Literal["threads", "synchronous", "distributed"] = Field(
         "threads",
-        description="Dask scheduler for the per-night passes inside this task.",
+        description="Dask scheduler for the per-night passes inside this task: local threads, "
+        "one thread, or the Dask cluster the task runs on ('distributed': nights read and "
+        "star-complete partitions kept on the workers, for the iterative solver).",
     )
     plots: bool = Field(True, description="Render the PNG QA plots into the group.")
 
@@ -73,14 +78,39 @@ class UbercalStageConfig(BaseModel):
 @dataclasses.dataclass(frozen=True)
 class NightCatalogs:
     """The night catalogs of one band as an ObservationSource: ``map_reduce``
-    reads each night in a Dask task and sums the results pairwise."""
+    reads each night in a Dask task and sums the results pairwise.
+
+    With a distributed ``client`` (the stage's ``scheduler='distributed'``
+    gives the one of the Dask worker it runs on), the tasks run on the cluster's
+    workers, and ``partition`` (the iterative solver's regrouping into star-complete
+    partitions) reads and
+    splits each night on a worker, assembles each partition from the pieces on
+    a worker and keeps it there (persisted futures): every solver iteration is
+    then a map over those partitions, and only parameter-sized vectors travel.
+    Without one, the nights are read by local threads and the partitions kept
+    in this process."""
 
     store: str
     nights: tuple[str, ...]
     band: str
     scheduler: str = "threads"
+    client: Any = None
+
+    def _client(self) -> Any:
+        return self.client
 
     def map_reduce(self, fn: Callable[[ObservationChunk], T]) -> T:
+        client = self._client()
+        if client is not None:
+            futures = client.map(
+                _apply,
+                [fn] * len(self.nights),
+                [self.store] * len(self.nights),
+                self.nights,
+                [self.band] * len(self.nights),
+                pure=False,
+            )
+            return DaskPartitions(client, futures).sum()
         parts = [dask.delayed(_apply)(fn, self.store, n, self.band) for n in self.nights]
         while len(parts) > 1:
             pairs = [parts[i : i + 2] for i in range(0, len(parts), 2)]
@@ -88,9 +118,73 @@ class NightCatalogs:
         (total,) = dask.compute(parts[0], scheduler=self.scheduler)
         return total
 
+    def partition(
+        self,
+        key: Callable[[ObservationChunk], np.ndarray],
+        n_parts: int,
+        build: Callable[..., Any],
+    ) -> Partitions:
+        client = self._client()
+        if client is None:
+            return partition_in_memory(self, key, n_parts, build)
+        split = functools.partial(
+            _read_split, store=self.store, band=self.band, key=key, n_parts=n_parts
+        )
+        per_night = client.map(split, self.nights, pure=False)
+        parts = [
+            client.submit(
+                _build_from_pieces,
+                build,
+                k,
+                *[client.submit(operator.itemgetter(k), f, pure=False) for f in per_night],
+                pure=False,
+            )
+            for k in range(n_parts)
+        ]
+        return DaskPartitions(client, parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskPartitions:
+    """Partitions held on Dask workers as futures (calib.ubercal.iterative.Partitions)."""
+
+    client: Any
+    futures: list[Any]
+
+    def map(self, fn: Callable[[Any], Any]) -> DaskPartitions:
+        return DaskPartitions(self.client, self.client.map(fn, self.futures, pure=False))
+
+    def map_reduce(self, fn: Callable[[Any], T]) -> T:
+        return self.map(fn).sum()
+
+    def sum(self) -> Any:
+        """The pairwise (tree) sum of the partitions' values, computed on the workers."""
+        parts = list(self.futures)
+        while len(parts) > 1:
+            pairs = [parts[i : i + 2] for i in range(0, len(parts), 2)]
+            parts = [
+                self.client.submit(_sum, p, pure=False) if len(p) == 2 else p[0] for p in pairs
+            ]
+        return parts[0].result()
+
 
 def _sum(parts: list[Any]) -> Any:
     return parts[0] + parts[1]
+
+
+def _read_split(
+    night: str,
+    *,
+    store: str,
+    band: str,
+    key: Callable[[ObservationChunk], np.ndarray],
+    n_parts: int,
+) -> list[ObservationChunk]:
+    return split_chunk(read_night_chunk(store, night, band), key, n_parts)
+
+
+def _build_from_pieces(build: Callable[..., Any], index: int, *pieces: ObservationChunk) -> Any:
+    return build(concat_chunks(pieces), index=index)
 
 
 def _apply(fn: Callable[[ObservationChunk], T], store: str, night: str, band: str) -> T:
@@ -168,14 +262,22 @@ def run_ubercal_stage(
     store = os.fspath(store)
     nights = _select_nights(store, config.first_night, config.last_night)
     quad_nx, quad_ny = _quadrant_shape(store, nights)
-    source = NightCatalogs(store, tuple(nights), config.band, config.scheduler)
-    solution = solve_ubercal(
-        source,
-        quad_nx=quad_nx,
-        quad_ny=quad_ny,
-        reference=_reference(refcat_path, config.band),
-        options=config.options,
-    )
+    reference = _reference(refcat_path, config.band)
+
+    def solve(client: Any = None) -> UbercalSolution:
+        source = NightCatalogs(store, tuple(nights), config.band, config.scheduler, client)
+        return solve_ubercal(
+            source, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=config.options
+        )
+
+    if config.scheduler == "distributed":
+        from distributed import worker_client
+
+        # Secedes from the worker's thread pool while the fit's tasks run.
+        with worker_client() as client:
+            solution = solve(client)
+    else:
+        solution = solve()
     ds = solution_dataset(solution, plots=config.plots)
     group = f"ubercal/{config.band}"
     write_group(

@@ -55,7 +55,13 @@ from calib.ubercal.outliers import _PassStatistics, _rejected_stars, _selected, 
 from calib.ubercal.priors import parameter_prior, prior_dominated
 from calib.ubercal.solvers import _Parameters
 
-__all__ = ["InMemoryPartitions", "Partitions"]
+__all__ = [
+    "InMemoryPartitions",
+    "Partitions",
+    "concat_chunks",
+    "partition_in_memory",
+    "split_chunk",
+]
 
 T = TypeVar("T")
 
@@ -149,6 +155,18 @@ def partition(source: ObservationSource, layout: UbercalLayout, n_parts: int) ->
     build = functools.partial(_build_part, layout=layout, n_parts=n_parts)
     if hasattr(source, "partition"):
         return source.partition(key, n_parts, build)  # type: ignore[no-any-return]
+    return partition_in_memory(source, key, n_parts, build)
+
+
+def partition_in_memory(
+    source: ObservationSource,
+    key: Callable[[ObservationChunk], np.ndarray],
+    n_parts: int,
+    build: Callable[..., Any],
+) -> InMemoryPartitions:
+    """Regroup a source into partitions held in this process: each chunk is
+    split by ``key`` where it lives, the pieces come here and are built with
+    ``build(chunk, index=k)``."""
     pieces = source.map_reduce(functools.partial(_split_to_pieces, key=key, n_parts=n_parts))
     return InMemoryPartitions(
         [build(concat_chunks(p), index=i) for i, p in enumerate(pieces.parts)]
