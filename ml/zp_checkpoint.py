@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,22 +38,6 @@ def data_hash(features: FeatureSet) -> str:
         h.update(np.ascontiguousarray(getattr(features, name)).tobytes())
     h.update("\n".join(map(str, features.night)).encode())
     return h.hexdigest()
-
-
-def code_revision() -> str:
-    """The git commit of the code that trained the model ('unknown' outside git)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def save_checkpoint(directory: str | Path, model: AZPRC, card: dict[str, Any]) -> Path:

@@ -24,13 +24,14 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 import zarr
+
+from tasks.io.provenance import version_attrs
 
 COMPLETE_ATTR = "photocal_complete"
 # What zarr raises when a path holds no group: nothing there, or an array.
@@ -45,13 +46,6 @@ _NOT_A_GROUP = (
 
 class StoreError(RuntimeError):
     """A store group is missing, incomplete or malformed."""
-
-
-def photocal_version() -> str:
-    try:
-        return version("photocal")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def is_local(store: str | os.PathLike) -> bool:
@@ -184,15 +178,16 @@ def write_group(
     ds : xarray.Dataset
         The content. String variables are stored as variable-length UTF-8.
     attrs : mapping, optional
-        Provenance written into the group's attrs (configuration, inputs); the
-        photocal version and the completion marker are added.
+        Provenance written into the group's attrs (configuration, inputs; see
+        :func:`tasks.io.provenance.provenance`); the photocal version, the code
+        revision and the completion marker are added.
     """
     group = _check_group_name(group)
     ds = _prepare(ds)
     ds.attrs = {
         **_json_safe(dict(ds.attrs)),
         **_json_safe(dict(attrs or {})),
-        "photocal_version": photocal_version(),
+        **version_attrs(),
     }
     if not is_local(store):
         _write_in_place(str(store), group, ds)
@@ -342,7 +337,7 @@ def commit_group(
     """Publish a group built with :func:`begin_group`, replacing any previous version."""
     group = _check_group_name(group)
     stage_store, stage_group = _split_staging(staging)
-    meta = {**_json_safe(dict(attrs or {})), "photocal_version": photocal_version()}
+    meta = {**_json_safe(dict(attrs or {})), **version_attrs()}
     node = zarr.open_group(stage_store, path=stage_group or "", mode="r+")
     node.attrs.update(meta)
     node.attrs[COMPLETE_ATTR] = True

@@ -16,11 +16,12 @@ import xarray as xr
 
 from sim.config import BANDS
 from sim.survey import Survey
+from tasks.io.provenance import provenance
 from tasks.io.store import read_group, write_group
 
 
 def _provenance(survey: Survey) -> dict:
-    return {"config": dataclasses.asdict(survey.config), "stage": "simulate"}
+    return provenance("simulate", config=dataclasses.asdict(survey.config))
 
 
 def write_truth(

@@ -13,13 +13,13 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks.io.provenance import code_revision, photocal_version
 from tasks.io.store import (
     COMPLETE_ATTR,
     StoreError,
     _check_group_name,
     group_exists,
     list_groups,
-    photocal_version,
     read_group,
     write_group,
 )
@@ -73,9 +73,11 @@ def test_attrs_carry_provenance_version_and_completion(store):
         "config": {"k": 2},
         "inputs": ["a"],
         "photocal_version": photocal_version(),
+        "code_revision": code_revision(),
         COMPLETE_ATTR: True,
     }
     assert photocal_version() != "unknown"  # the package is installed in the test env
+    assert code_revision() != "unknown"  # a git checkout, or the commit recorded at install
 
 
 def test_write_does_not_modify_the_callers_dataset(store):
