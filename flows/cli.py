@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sim.config import INSTRUMENTS, PRESETS
 
 if TYPE_CHECKING:
-    from tasks.zp import ZPNetworkConfig
+    from tasks.config import PhotocalConfig
 
 
 def _night(text: str) -> str:
@@ -109,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: models/azprc beside the store)",
     )
     p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML configuration, one table per stage ([masters], [photometry], [ubercal], "
+        "[zp], ...): `photocal config template` writes one, `photocal config show` resolves it",
+    )
+    p.add_argument(
         "--zp-config",
         type=Path,
-        help="JSON file of zero-point network settings (tasks/zp.py ZPNetworkConfig)",
+        help="deprecated: JSON of the [zp] table; put it in --config instead",
     )
     p.add_argument(
         "--site-longitude",
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--workers", type=_positive, help="workers of the local Dask cluster (default 2)"
     )
+
+    _add_config_parser(sub)
+    _add_ingest_parser(sub)
 
     p = sub.add_parser(
         "serve", help="local production stack: prefect server, work pool, worker, deployments"
@@ -212,17 +221,17 @@ def run_pipeline(
     refcat: str | None = None,
     keep_reduced: bool = False,
     checkpoint: str | None = None,
-    zp: ZPNetworkConfig | None = None,
+    config: PhotocalConfig | None = None,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
-    from tasks.index import IndexConfig
-    from tasks.reduce import ReduceConfig
+    from tasks.config import load_config
 
-    index = (
-        IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
-    )
+    flags: dict[str, dict] = {"reduce": {"keep_reduced": True}} if keep_reduced else {}
+    if site_longitude is not None:
+        flags["index"] = {"site_longitude_deg": site_longitude}
+    resolved = load_config(config, overrides=flags)
     runner = make_task_runner(dask_address=dask_address, workers=workers, cluster=cluster)
     with prefect_api():
         return photocal_run.with_options(task_runner=runner)(
@@ -230,12 +239,10 @@ def run_pipeline(
             raw=raw,
             nights=nights,
             stages=stages,
-            index=index,
             overwrite=overwrite,
             refcat=refcat,
-            reduce=ReduceConfig(keep_reduced=keep_reduced),
             checkpoint=checkpoint,
-            zp=zp,
+            config=resolved.as_dict(),
         )
 
 
@@ -252,6 +259,7 @@ def print_summary(summary: dict) -> None:
         print(f"  {group}: {_describe_master(s)}")
     if summary.get("skipped"):
         print(f"kept (already complete): {', '.join(summary['skipped'])}")
+    print_missing(summary.get("missing", []))
     for band, result in summary.get("ubercal", {}).items():
         stats = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         print(f"  ubercal/{band}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
@@ -273,6 +281,14 @@ def print_summary(summary: dict) -> None:
         print(f"  ml/scores/{night}: {s['exposures']} exposures")
 
 
+def print_missing(missing: list[dict], file=None) -> None:
+    """The stage-nights skipped because their input is missing, with the reason."""
+    if missing:
+        print(f"skipped, input missing ({len(missing)}):", file=file)
+    for m in missing:
+        print(f"  {m['stage']} on {m['night']}: {m['group']} {m['reason']}", file=file)
+
+
 def _describe_master(s: dict) -> str:
     if "normalisation" in s:
         return (
@@ -292,7 +308,9 @@ def _describe_master(s: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import NIGHTLY_STAGES
-    from tasks.zp import ZPNetworkConfig
+    from tasks.config import ConfigError
+    from tasks.inputs import MissingInputError
+    from tasks.io.store import StoreError
 
     stages = args.stages or list(NIGHTLY_STAGES)
     if "index" in stages and args.raw is None:
@@ -305,32 +323,65 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    summary = run_pipeline(
-        store=args.store,
-        raw=args.raw,
-        nights=args.nights,
-        stages=stages,
-        site_longitude=args.site_longitude,
-        dask_address=args.dask_address,
-        workers=args.workers,
-        cluster=args.cluster,
-        overwrite=args.overwrite,
-        refcat=None if args.refcat is None else str(args.refcat),
-        keep_reduced=args.keep_reduced,
-        checkpoint=args.checkpoint,
-        zp=None
-        if args.zp_config is None
-        else ZPNetworkConfig.model_validate_json(args.zp_config.read_text()),
-    )
+    try:
+        config = _run_config(args)
+    except ConfigError as err:
+        print(f"photocal run: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_pipeline(
+            store=args.store,
+            raw=args.raw,
+            nights=args.nights,
+            stages=stages,
+            site_longitude=args.site_longitude,
+            dask_address=args.dask_address,
+            workers=args.workers,
+            cluster=args.cluster,
+            overwrite=args.overwrite,
+            refcat=None if args.refcat is None else str(args.refcat),
+            keep_reduced=args.keep_reduced,
+            checkpoint=args.checkpoint,
+            config=config,
+        )
+    except MissingInputError as err:
+        if err.summary is not None:
+            print_summary({**err.summary, "missing": []})
+        print("photocal run: requested work could not be done:", file=sys.stderr)
+        print_missing(err.missing, file=sys.stderr)
+        return 1
+    except StoreError as err:
+        print(f"photocal run: {err}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 
 
+def _run_config(args: argparse.Namespace) -> PhotocalConfig:
+    """--config, with the deprecated --zp-config folded into its [zp] table."""
+    import json
+
+    from tasks.config import ConfigError, load_config
+
+    overrides = {}
+    if args.zp_config is not None:
+        print(
+            "photocal run: --zp-config is deprecated: put these settings in the [zp] table "
+            "of --config (`photocal config template --stage zp`)",
+            file=sys.stderr,
+        )
+        try:
+            overrides["zp"] = json.loads(args.zp_config.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(str(args.zp_config), [f"cannot be read as JSON: {err}"]) from None
+    return load_config(args.config, overrides=overrides)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.pipeline import NIGHTLY_STAGES
+    from tasks.config import load_config
     from tasks.io.truth import score_ubercal
     from tasks.simulate import simulate_survey
-    from tasks.zp import ZPNetworkConfig
 
     work = args.workdir
     t0 = time.perf_counter()
@@ -358,7 +409,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         refcat=str(res.refcat),
         # A demo-sized training set: the survey's nights plus 10 simulated
         # nights of each domain (the deployment's default is 40).
-        zp=ZPNetworkConfig(sim_nights=10, epochs=20),
+        config=load_config({"zp": {"sim_nights": 10, "epochs": 20}}),
     )
     print(f"      done in {time.perf_counter() - t1:.1f} s")
     print_summary(summary)
@@ -390,9 +441,111 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_parser(sub) -> None:
+    p = sub.add_parser(
+        "config", help="the configuration: resolved values with descriptions, or a template"
+    )
+    p.add_argument(
+        "action", choices=["show", "template"], help="show: resolved; template: defaults"
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration to resolve (show)")
+    p.add_argument("--stage", action="append", dest="tables", help="only this table (repeatable)")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from tasks.config import ConfigError, load_config, render_toml
+
+    try:
+        config = load_config(args.config if args.action == "show" else None)
+        text = render_toml(config, tables=args.tables, show_defaults=args.action == "show")
+    except ConfigError as err:
+        print(f"photocal config: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+def _add_ingest_parser(sub) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="external per-observation photometry (FITS, ECSV, CSV, Parquet) into "
+        "nights/<night>/catalog and exposures",
+    )
+    p.add_argument("table", type=Path, help="the photometry table")
+    p.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
+    p.add_argument("--band", required=True, choices=["g", "r", "i"], help="band of every row")
+    p.add_argument(
+        "--refcat",
+        type=Path,
+        required=True,
+        help="reference catalog: stars are checked (or matched by ra/dec) against it",
+    )
+    p.add_argument("--night", type=_night, help="night of every row (default: from mjd/date_obs)")
+    p.add_argument(
+        "--column",
+        action="append",
+        metavar="NAME=COL",
+        help="the table's column for a contract name (repeatable): expid, source_id, ra, dec, "
+        "x, y, quadrant, flux, flux_err, mag, mag_err, exptime, mjd, date_obs, airmass, flags",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        dest="constants",
+        metavar="NAME=VALUE",
+        help="a constant for the whole table (repeatable), e.g. quad_nx=2048 exptime=30",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration ([ingest], [photometry])")
+    p.add_argument(
+        "--site-longitude", type=float, default=None, help="east-positive degrees (night)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace nights that already have a catalog"
+    )
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tasks.config import ConfigError, load_config
+    from tasks.ingest import IngestError, ingest_summary_lines, ingest_table, parse_assignments
+    from tasks.io.raw import RawFileError
+
+    try:
+        overrides = (
+            {}
+            if args.site_longitude is None
+            else {"index": {"site_longitude_deg": args.site_longitude}}
+        )
+        config = load_config(args.config, overrides=overrides)
+        result = ingest_table(
+            args.table,
+            args.store,
+            band=args.band,
+            refcat_path=args.refcat,
+            night=args.night,
+            columns=parse_assignments(args.column, "--column"),
+            constants=parse_assignments(args.constants, "--set"),
+            site_longitude_deg=config["index"].site_longitude_deg,
+            config=config["ingest"],
+            photometry=config["photometry"],
+            overwrite=args.overwrite,
+        )
+    except (ConfigError, IngestError, RawFileError) as err:
+        print(f"photocal ingest: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(ingest_summary_lines(result, args.store)))
+    return 0 if result.nights else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "run": cmd_run, "demo": cmd_demo, "serve": cmd_serve}
+    handlers = {
+        "simulate": cmd_simulate,
+        "run": cmd_run,
+        "demo": cmd_demo,
+        "serve": cmd_serve,
+        "config": cmd_config,
+        "ingest": cmd_ingest,
+    }
     return handlers[args.command](args)
 
 

@@ -6,6 +6,7 @@ from typing import Any, Literal, get_args
 
 from prefect import flow, unmapped
 
+from tasks.config import load_config
 from tasks.devices import gpu_workers_task, on_gpu_if_any
 from tasks.index import (
     IndexConfig,
@@ -14,6 +15,12 @@ from tasks.index import (
     indexed_nights_task,
     validate_files_task,
     write_index_task,
+)
+from tasks.inputs import (
+    check_stage_inputs_task,
+    missing_raw_nights,
+    nothing_found,
+    raise_for_missing,
 )
 from tasks.masters import (
     MastersConfig,
@@ -43,7 +50,7 @@ from tasks.transients import (
     train_transients_task,
     write_transients_task,
 )
-from tasks.ubercal import UbercalStageConfig, bands_observed_task, ubercal_task
+from tasks.ubercal import bands_observed_task, ubercal_task
 from tasks.zp import (
     ZPNetworkConfig,
     default_checkpoint,
@@ -89,20 +96,28 @@ def photocal_run(
     zp: ZPNetworkConfig | None = None,
     checkpoint: str | None = None,
     overwrite: bool = True,
+    config: str | dict[str, Any] | None = None,
+    strict_nights: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
 
-    With ``overwrite=False`` groups that are already complete are kept and their
-    work skipped (how an interrupted backfill resumes). Returns a small summary:
-    per night the counts by status, the rejected files with their reasons, the
-    masters written and the groups skipped.
+    ``config`` is the configuration (a TOML path or a mapping, one table per
+    stage: tasks/config.py); a stage's own argument (``index``, ``masters``, ...)
+    wins over its table. With ``overwrite=False`` groups that are already
+    complete are kept and their work skipped (how an interrupted backfill
+    resumes). A night named in ``nights`` that lacks a stage's input fails the
+    run once the others are done, unless ``strict_nights`` is False (a range:
+    then it is only listed). Returns a small summary: per night the counts by
+    status, the rejected files with their reasons, the masters written, the
+    groups kept and the stage-nights skipped for a missing input (``missing``).
     """
     stages = list(NIGHTLY_STAGES) if stages is None else stages
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known stages: {list(STAGES)}")
-    index = index or IndexConfig()
-    masters = masters or MastersConfig()
+    cfg = load_config(config)
+    index = index or cfg["index"]
+    masters = masters or cfg["masters"]
     if refcat is not None and {"reduce", "photometry", "ubercal"} & set(stages):
         check_refcat_task(refcat)
     summary: dict[str, Any] = {
@@ -114,6 +129,8 @@ def photocal_run(
         "ubercal": {},
         "transients": {},
         "skipped": [],
+        "missing": [],
+        "config_source": cfg.source,
     }
     if "index" in stages:
         if raw is None:
@@ -133,6 +150,7 @@ def photocal_run(
         )
         for night, counts in zip(by_night, written.result(), strict=True):
             summary["nights"][night] = counts
+        summary["missing"] += missing_raw_nights(nights, by_night, raw)
         summary["rejected"] = [
             (r["path"], r["reason"])
             for rows in by_night.values()
@@ -140,38 +158,53 @@ def photocal_run(
             if r["status"] == "rejected"
         ]
     if "masters" in stages:
-        summary["masters"] = _masters_stage(store, nights, masters, overwrite, summary["skipped"])
+        usable = _usable_nights(store, "masters", nights, summary)
+        if usable:
+            summary["masters"] = _masters_stage(
+                store, usable, masters, overwrite, summary["skipped"]
+            )
     if "reduce" in stages or "photometry" in stages:
         if refcat is None:
             raise ValueError("the photometry stage needs the reference catalog (--refcat)")
         summary["photometry"] = _photometry_stage(
             store,
-            nights,
+            _usable_nights(store, "photometry", nights, summary),
             refcat,
-            reduce or ReduceConfig(),
-            photometry or PhotometryConfig(),
+            reduce or cfg["reduce"],
+            photometry or cfg["photometry"],
             overwrite,
             summary["skipped"],
         )
     if "ubercal" in stages:
         if refcat is None:
             raise ValueError("the ubercal stage needs the reference catalog (--refcat)")
-        bands = ubercal_bands or bands_observed_task(store, nights)
+        usable = _usable_nights(store, "ubercal", nights, summary)
+        bands = (ubercal_bands or bands_observed_task(store, usable)) if usable else []
         first, last = (min(nights), max(nights)) if nights else (None, None)
         for band in bands:
-            config = UbercalStageConfig(band=band, first_night=first, last_night=last)
-            summary["ubercal"][band] = ubercal_task.submit(store, refcat, config).result()
+            config_b = cfg.build("ubercal", band=band, first_night=first, last_night=last)
+            summary["ubercal"][band] = ubercal_task.submit(store, refcat, config_b).result()
     if "train" in stages or "score" in stages:
         if refcat is None:
             raise ValueError("the train and score stages need the reference catalog (--refcat)")
-        summary["zp"] = _zp_stage(
-            store, nights, refcat, stages, zp or ZPNetworkConfig(), checkpoint
-        )
+        usable = _usable_nights(store, "train" if "train" in stages else "score", nights, summary)
+        summary["zp"] = _zp_stage(store, usable, refcat, stages, zp or cfg["zp"], checkpoint)
     if "transients" in stages:
-        summary["transients"] = _transients_stage(store, nights, transients or TransientsConfig())
+        summary["transients"] = _transients_stage(store, nights, transients or cfg["transients"])
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
+    raise_for_missing(summary, named=strict_nights and nights is not None)
     return summary
+
+
+def _usable_nights(
+    store: str, stage: str, nights: list[str] | None, summary: dict[str, Any]
+) -> list[str]:
+    """The nights whose input for ``stage`` is complete; the others go to the
+    summary's ``missing`` with the group and the reason."""
+    ok, missing = check_stage_inputs_task(store, stage, nights)
+    summary["missing"] += missing if ok or missing else [nothing_found(stage)]
+    return ok
 
 
 def _zp_stage(

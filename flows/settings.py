@@ -25,6 +25,11 @@ class PhotocalSettings(BaseSettings):
         "or a path to a YAML spec.",
     )
     workers: int | None = Field(None, ge=1, description="Override the spec's worker count.")
+    config: str | None = Field(
+        None,
+        description="Default configuration of every run (a TOML path, tasks/config.py); a "
+        "deployment's `config` parameter replaces it.",
+    )
     site_longitude_deg: float = Field(
         -116.8650, ge=-180.0, le=360.0, description="East-positive site longitude (Palomar)."
     )

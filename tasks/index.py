@@ -13,9 +13,11 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 from prefect import get_run_logger, task
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from tasks.config import StageConfig
 from tasks.io.night import PALOMAR_LONGITUDE_DEG, observing_night
+from tasks.io.provenance import provenance
 from tasks.io.raw import RawFileError, validate_file
 from tasks.io.store import list_groups, write_group
 
@@ -23,7 +25,7 @@ UNKNOWN_NIGHT = "unknown-night"
 _SKIPPED_SUFFIXES = (".part", ".tmp", ".lock")
 
 
-class IndexConfig(BaseModel):
+class IndexConfig(StageConfig, table="index"):
     """Configuration of the index stage."""
 
     site_longitude_deg: float = Field(
@@ -224,6 +226,18 @@ def group_by_night_task(
     return group_by_night([r for chunk in chunks for r in chunk], nights)
 
 
+def _index_attrs(
+    night: str, raw_root: str, rows: list[dict[str, Any]], config: IndexConfig
+) -> dict[str, Any]:
+    return provenance(
+        "index",
+        config=config,
+        inputs=sorted(r["path"] for r in rows),
+        night=night,
+        raw_root=str(Path(raw_root).resolve()),
+    )
+
+
 @task(name="write-night-index", retries=2, retry_delay_seconds=2)
 def write_index_task(
     store: str, night: str, raw_root: str, rows: list[dict[str, Any]], config: IndexConfig
@@ -234,13 +248,7 @@ def write_index_task(
         store,
         f"index/{night}",
         ds,
-        attrs={
-            "stage": "index",
-            "night": night,
-            "raw_root": str(Path(raw_root).resolve()),
-            "config": config.model_dump(),
-            "inputs": sorted(r["path"] for r in rows),
-        },
+        attrs=_index_attrs(night, raw_root, rows, config),
     )
     counts: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -266,12 +274,6 @@ def index_sequentially(raw_root: str, store: str, config: IndexConfig | None = N
             store,
             f"index/{night}",
             rows_to_dataset(night_rows),
-            attrs={
-                "stage": "index",
-                "night": night,
-                "raw_root": str(Path(raw_root).resolve()),
-                "config": config.model_dump(),
-                "inputs": sorted(r["path"] for r in night_rows),
-            },
+            attrs=_index_attrs(night, raw_root, night_rows, config),
         )
     return list(by_night)

@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from prefect import get_run_logger, task
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calib.masters import (
     MasterFrame,
@@ -30,7 +30,9 @@ from calib.masters import (
     flat_residual_sigma,
 )
 from calib.overscan import subtract_overscan
+from tasks.config import StageConfig
 from tasks.index import UNKNOWN_NIGHT
+from tasks.io.provenance import provenance
 from tasks.io.raw import read_quadrants, validate_file
 from tasks.io.store import (
     begin_group,
@@ -47,7 +49,7 @@ from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps
 HOT, DEAD = np.uint8(1), np.uint8(2)
 
 
-class MastersConfig(BaseModel):
+class MastersConfig(StageConfig, table="masters"):
     """Configuration of the masters stage."""
 
     period_days: int = Field(
@@ -334,18 +336,18 @@ def commit_bias(
         store,
         group,
         staging,
-        attrs={
-            "stage": "masters",
-            "period": plan.period,
-            "period_days": config.period_days,
-            "reference_period": reference,
-            "inputs": list(plan.bias),
-            "extnames": list(plan.extnames),
-            "config": config.model_dump(),
-            "summary": summary,
-            "plots": plots,
-            "units": "ADU, overscan-subtracted",
-        },
+        attrs=provenance(
+            "masters",
+            config=config,
+            inputs=list(plan.bias),
+            period=plan.period,
+            period_days=config.period_days,
+            reference_period=reference,
+            extnames=list(plan.extnames),
+            summary=summary,
+            plots=plots,
+            units="ADU, overscan-subtracted",
+        ),
     )
     return summary
 
@@ -662,19 +664,19 @@ def commit_flat(
         store,
         group,
         staging,
-        attrs={
-            "stage": "masters",
-            "band": band,
-            "period": plan.period,
-            "bias": f"masters/bias/{plan.period}",
-            "inputs": sorted(p for fs in plan.flats[band].values() for p, _ in fs),
-            "extnames": list(plan.extnames),
-            "config": config.model_dump(),
-            "summary": summary,
-            "plots": plots,
-            "normalisation": "mean 1 over the good pixels of the whole focal plane, built in "
+        attrs=provenance(
+            "masters",
+            config=config,
+            inputs=sorted(p for fs in plan.flats[band].values() for p, _ in fs),
+            band=band,
+            period=plan.period,
+            bias=f"masters/bias/{plan.period}",
+            extnames=list(plan.extnames),
+            summary=summary,
+            plots=plots,
+            normalisation="mean 1 over the good pixels of the whole focal plane, built in "
             "electrons: quadrant gain and QE differences live in the flat (docs/masters.md)",
-        },
+        ),
     )
     return summary
 

@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calib.photometry import (
     FLAG_BITS,
@@ -40,13 +40,15 @@ from calib.pixel_area import PixelAreaCache
 from calib.reduce import MASK_BITS, ReducedQuadrant, reduce_quadrant
 from calib.zeropoint import classical_zeropoints
 from ml.zp_features import centre_crop
+from tasks.config import StageConfig
+from tasks.io.provenance import provenance
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
 
 N_QUADRANTS = 64
 
 
-class ReduceConfig(BaseModel):
+class ReduceConfig(StageConfig, table="reduce"):
     """Configuration of the reduce stage (instrument-signature removal)."""
 
     overscan_method: Literal["mean", "median", "median_per_row"] = Field(
@@ -95,7 +97,7 @@ class ReduceConfig(BaseModel):
     )
 
 
-class PhotometryConfig(BaseModel):
+class PhotometryConfig(StageConfig, table="photometry"):
     """Configuration of the photometry stage (forced aperture photometry, classical zp)."""
 
     fwhm_guess_px: float = Field(2.0, gt=0, description="Starting FWHM for the PSF fit, px.")
@@ -588,27 +590,24 @@ def _classical(
     return zp, zp_err, n_used, terms
 
 
-def provenance(
+def night_provenance(
     night: str,
     inputs: list[str],
     reduce_config: ReduceConfig,
     photometry_config: PhotometryConfig,
     refcat_path: str,
 ) -> dict[str, Any]:
-    return {
-        "stage": "reduce+photometry",
-        "night": night,
-        "inputs": sorted(inputs),
-        "refcat": os.path.abspath(refcat_path),
-        "config": {
-            "reduce": reduce_config.model_dump(),
-            "photometry": photometry_config.model_dump(),
-        },
-        "flag_bits": dict(FLAG_BITS),
-        "mask_bits": dict(MASK_BITS),
-        "magnitude_convention": "m_inst = -2.5 log10(flux_e / EXPTIME), flux on the fluence "
+    return provenance(
+        "reduce+photometry",
+        config={"reduce": reduce_config, "photometry": photometry_config},
+        inputs=sorted(inputs),
+        night=night,
+        refcat=os.path.abspath(refcat_path),
+        flag_bits=dict(FLAG_BITS),
+        mask_bits=dict(MASK_BITS),
+        magnitude_convention="m_inst = -2.5 log10(flux_e / EXPTIME), flux on the fluence "
         "image, aperture-corrected",
-    }
+    )
 
 
 def write_night(
@@ -624,7 +623,7 @@ def write_night(
     """Write ``nights/<night>/catalog`` and ``nights/<night>/exposures``; small counts back."""
     refcat = read_refcat(refcat_path)
     catalog, exposures = night_groups(results, refcat, photometry_config)
-    attrs = provenance(night, inputs, reduce_config, photometry_config, refcat_path)
+    attrs = night_provenance(night, inputs, reduce_config, photometry_config, refcat_path)
     write_group(store, f"nights/{night}/catalog", catalog, attrs=attrs)
     write_group(store, f"nights/{night}/exposures", exposures, attrs=attrs)
     patches = [r for r in sorted(results, key=lambda r: r.row["expid"]) if r.patch is not None]

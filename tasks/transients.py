@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import xarray as xr
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calib.difference import detect_transients, measure_magdiff, subtract_images
 from ml.device import best_device
@@ -45,13 +45,15 @@ from ml.transients import (
     train_localiser,
 )
 from sim.transients import PairConfig, simulate_cutouts, simulate_pair
+from tasks.config import StageConfig
+from tasks.io.provenance import provenance
 from tasks.io.store import write_group
 
 MATCH_PX = 3.0
 _DETECTION_VARS = ("pair", "method", "x", "y", "score", "delta_mag", "delta_mag_err", "mag_change")
 
 
-class TransientsConfig(BaseModel):
+class TransientsConfig(StageConfig, table="transients"):
     """Configuration of the transients stage."""
 
     model: Literal["heatmap", "cnn"] = Field(
@@ -180,12 +182,12 @@ def write_transients(
         store,
         f"transients/{night}",
         ds,
-        attrs={
-            "stage": "transients",
-            "night": night,
-            "config": config.model_dump(),
-            "inputs": "simulated reference/new pairs (sim.transients), seeds in `seed`",
-        },
+        attrs=provenance(
+            "transients",
+            config=config,
+            inputs="simulated reference/new pairs (sim.transients), seeds in `seed`",
+            night=night,
+        ),
     )
     methods = [str(m) for m in ds.methods.values]
     return {

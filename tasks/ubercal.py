@@ -23,13 +23,13 @@ import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import dask
 import numpy as np
 import xarray as xr
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calib.starflat import Starflat
 from calib.ubercal import (
@@ -42,6 +42,8 @@ from calib.ubercal import (
 from calib.ubercal.iterative import Partitions, concat_chunks, partition_in_memory, split_chunk
 from sim.camera import Camera
 from sim.config import CameraConfig
+from tasks.config import StageConfig
+from tasks.io.provenance import provenance
 from tasks.io.raw import read_refcat
 from tasks.io.store import StoreError, group_exists, list_children, read_group, write_group
 
@@ -51,8 +53,10 @@ _CATALOG_COLUMNS = ("expid", "quadrant", "source_id", "x", "y", "mag_inst", "mag
 _BRIGHT_MAG = 17.0
 
 
-class UbercalStageConfig(BaseModel):
+class UbercalStageConfig(StageConfig, table="ubercal"):
     """Configuration of the ubercal stage."""
+
+    per_run: ClassVar[tuple[str, ...]] = ("band", "first_night", "last_night")
 
     band: Literal["g", "r", "i"] = Field(description="Band to calibrate.")
     first_night: str | None = Field(
@@ -284,10 +288,11 @@ def run_ubercal_stage(
         store,
         group,
         ds,
-        attrs={
-            "config": config.model_dump(mode="json"),
-            "inputs": {"nights": nights, "refcat": os.fspath(refcat_path)},
-        },
+        attrs=provenance(
+            "ubercal",
+            config=config,
+            inputs={"nights": nights, "refcat": os.fspath(refcat_path)},
+        ),
     )
     out = {"group": group, "nights": nights, **solution.stats.as_dict()}
     if solution.sizing is not None:

@@ -10,14 +10,13 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ml.device import best_device
 from ml.zp_baselines import regression_metrics
 from ml.zp_checkpoint import (
     ONNX,
     OnnxScorer,
-    code_revision,
     data_hash,
     export_onnx,
     load_checkpoint,
@@ -36,6 +35,8 @@ from ml.zp_features import (
 from ml.zp_model import AZPRCConfig
 from ml.zp_train import TrainConfig, predict, train_zp_network
 from sim.zpsim import DOMAINS, ZPExposure, simulate_zp_exposures
+from tasks.config import StageConfig
+from tasks.io.provenance import code_revision, photocal_version, provenance
 from tasks.io.raw import RefCatalog, read_refcat
 from tasks.io.store import (
     StoreError,
@@ -43,7 +44,6 @@ from tasks.io.store import (
     is_local,
     list_children,
     local_path,
-    photocal_version,
     read_group,
     write_group,
 )
@@ -84,7 +84,7 @@ def features_from_simulation(
 # --- the pipeline's nights --------------------------------------------------------
 
 
-class ZPNetworkConfig(BaseModel):
+class ZPNetworkConfig(StageConfig, table="zp"):
     """Configuration of the zero-point network stages (features, train, score)."""
 
     zp_nominal_mag: dict[str, float] = Field(
@@ -131,8 +131,14 @@ def night_features(
     and the reference catalog; targets from ``ubercal/<band>`` (NaN before ubercal)."""
     exposures = read_group(store, f"nights/{night}/exposures")
     catalog = read_group(store, f"nights/{night}/catalog")
-    patches = read_group(store, f"nights/{night}/patches")
-    patch_of = dict(zip(patches.expid.values.tolist(), patches.patch.values, strict=True))
+    # An ingested catalog has no images: its exposures get a blank patch (all
+    # NaN, which patch_image turns into zeros), the star list and telemetry stay.
+    has_patches = group_exists(store, f"nights/{night}/patches")
+    patch_of = {}
+    if has_patches:
+        patches = read_group(store, f"nights/{night}/patches")
+        patch_of = dict(zip(patches.expid.values.tolist(), patches.patch.values, strict=True))
+    blank = np.full((config.patch_px, config.patch_px), np.nan, dtype=np.float32)
     ref_rows = refcat.rows_of(catalog.source_id.values)
     # Clean matched observations grouped by exposure (stable: ascending within one).
     usable = np.nonzero((catalog.flags.values == 0) & (ref_rows >= 0))[0]
@@ -147,7 +153,7 @@ def night_features(
     targets = _night_targets(store, dict(zip(expids.tolist(), bands, strict=True)), config)
     inputs = []
     for k, expid in enumerate(expids.tolist()):
-        if expid not in patch_of:
+        if has_patches and expid not in patch_of:
             raise StoreError(f"nights/{night}/patches has no patch for exposure {expid}")
         lo = np.searchsorted(usable_expid, expid, side="left")
         obs = usable[lo : np.searchsorted(usable_expid, expid, side="right")]
@@ -164,7 +170,7 @@ def night_features(
                 out_temp_c=float(e.out_temp_c),
                 out_rhum_pct=float(e.out_rhum_pct),
                 wind_mps=float(e.wind_mps),
-                image_e_s=patch_of[expid],
+                image_e_s=patch_of.get(expid, blank),
                 mag_ref=getattr(refcat, f"{bands[k]}_mag")[rows],
                 colour=refcat.bp_rp[rows],
                 radius=np.hypot(x - nx / 2, y - ny / 2) / np.hypot(nx / 2, ny / 2),
@@ -218,14 +224,14 @@ def write_night_features(
 ) -> dict[str, int]:
     """Compute and write ``ml/features/<night>``; counts back."""
     fs = night_features(store, night, read_refcat(refcat_path), config)
-    attrs = {
-        "stage": "zp-features",
-        "night": night,
-        "refcat": refcat_path,
-        "config": config.model_dump(),
-        "inputs": [f"nights/{night}/{g}" for g in ("exposures", "catalog", "patches")],
-        "target": "ubercal zp (mean over quadrants) - zp_nominal(band), mag; NaN before ubercal",
-    }
+    attrs = provenance(
+        "zp-features",
+        config=config,
+        inputs=[f"nights/{night}/{g}" for g in ("exposures", "catalog", "patches")],
+        night=night,
+        refcat=refcat_path,
+        target="ubercal zp (mean over quadrants) - zp_nominal(band), mag; NaN before ubercal",
+    )
     write_group(store, f"ml/features/{night}", _features_dataset(fs), attrs=attrs)
     return {"exposures": len(fs), "with_target": int(np.isfinite(fs.target_mag).sum())}
 
@@ -348,14 +354,16 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
     )
     for name in ("zp_offset", "zp_offset_err", "zp", "catalog_zp_offset"):
         scores[name].attrs["units"] = "mag"
-    attrs = {
-        "stage": "score-zp",
-        "night": night,
-        "checkpoint": str(checkpoint),
-        "model_card": {k: card[k] for k in ("data_sha256", "code_revision", "metrics_test_mag")},
-        "device": str(best_device()),
-        "convention": "zp = zp_nominal_mag[band] + zp_offset; m = m_inst + zp",
-    }
+    attrs = provenance(
+        "score-zp",
+        config=config,
+        inputs=[f"ml/features/{night}", str(checkpoint)],
+        night=night,
+        checkpoint=str(checkpoint),
+        model_card={k: card[k] for k in ("data_sha256", "code_revision", "metrics_test_mag")},
+        device=str(best_device()),
+        convention="zp = zp_nominal_mag[band] + zp_offset; m = m_inst + zp",
+    )
     write_group(store, f"ml/scores/{night}", scores, attrs=attrs)
     return {
         "exposures": len(fs),
@@ -392,11 +400,13 @@ def default_checkpoint(store: str) -> str:
 
 @task(name="photometered-nights")
 def photometered_nights_task(store: str, nights: list[str] | None) -> list[str]:
-    """Nights (of ``nights``, or all) whose catalog and patches are in the store."""
+    """Nights (of ``nights``, or all) whose catalog and exposures are in the store
+    (patches too for photometered nights; ingested ones have none)."""
     found = list_children(store, "nights")
     wanted = found if nights is None else sorted(set(found) & set(nights))
     return [
         n
         for n in sorted(wanted)
-        if group_exists(store, f"nights/{n}/catalog") and group_exists(store, f"nights/{n}/patches")
+        if group_exists(store, f"nights/{n}/catalog")
+        and group_exists(store, f"nights/{n}/exposures")
     ]
