@@ -35,10 +35,12 @@ def prefect_api(*, startup_timeout_s: int = 180) -> Iterator[str | None]:
             _exported("PREFECT_API_URL", server.api_url),
             temporary_settings(updates={PREFECT_API_URL: server.api_url}),
         ):
-            yield server.api_url
-            # Logs still queued for the API must go before the server does, or
-            # the process waits on connection retries at exit.
-            APILogHandler().flush()
+            try:
+                yield server.api_url
+            finally:
+                # Logs still queued for the API must go before the server does
+                # (a failed run too), or the process retries connections at exit.
+                APILogHandler().flush()
     finally:
         server.stop()
 

@@ -109,6 +109,35 @@ def test_invalid_parameters_are_refused(stack):
     )
 
 
+def test_ubercal_deployment_with_an_inline_configuration(stack):
+    """A backfill-style ubercal run started through the API with the settings
+    inline (as typed into the UI form), on a night brought in by `photocal ingest`."""
+    from test_missing_inputs import ingest_stars
+
+    store = stack.env["PHOTOCAL_STORE"]
+    ingest_stars(store, stack.env["PHOTOCAL_REFCAT"], "2026-04-01")
+    inline = {"ubercal": {"plots": False, "options": {"starflat": False, "zp_mode": "exposure"}}}
+    run = run_deployment(
+        "ubercal/ubercal",
+        parameters={"band": "r", "start": "2026-04-01", "end": "2026-04-01", "config": inline},
+        timeout=600,
+    )
+    assert run.state.is_completed(), run.state.message
+    ub = read_group(store, "ubercal/r")
+    assert ub.attrs["config"]["options"]["starflat"] is False
+    assert ub.attrs["config"]["options"]["zp_mode"] == "exposure"
+    assert ub.attrs["inputs"]["nights"] == ["2026-04-01"]
+    # A wrong key in the inline configuration fails the run, naming it.
+    bad = run_deployment(
+        "ubercal/ubercal",
+        parameters={"band": "r", "start": "2026-04-01", "end": "2026-04-01",
+                    "config": {"ubercal": {"optoins": {}}}},
+        timeout=300,
+    )  # fmt: skip
+    assert bad.state.is_failed()
+    assert "unknown key 'optoins'" in str(bad.state.result(raise_on_failure=False))
+
+
 def test_served_stack_listens_on_loopback_only(stack):
     """The server's real sockets, not just its URL (and the worker opens none)."""
     procs = [psutil.Process(stack.server.pid), psutil.Process(stack.worker.pid)]
