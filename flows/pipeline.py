@@ -21,6 +21,7 @@ from tasks.inputs import (
     missing_raw_nights,
     nothing_found,
     raise_for_missing,
+    unbuilt_masters,
 )
 from tasks.masters import (
     MastersConfig,
@@ -31,6 +32,7 @@ from tasks.masters import (
     commit_flat_task,
     flat_levels_task,
     has_master,
+    period_label,
     plan_masters_task,
     quadrant_chunks,
     reference_period,
@@ -163,6 +165,8 @@ def photocal_run(
             summary["masters"] = _masters_stage(
                 store, usable, masters, overwrite, summary["skipped"]
             )
+            built = [*summary["masters"], *summary["skipped"]]
+            summary["missing"] += unbuilt_masters(usable, lambda n: period_label(n, masters), built)
     if "reduce" in stages or "photometry" in stages:
         if refcat is None:
             raise ValueError("the photometry stage needs the reference catalog (--refcat)")

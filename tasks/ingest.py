@@ -136,7 +136,12 @@ def read_table(path: str | os.PathLike) -> Table:
 
 
 def resolve_columns(
-    table: Table, columns: Mapping[str, str], constants: Mapping[str, str], path: str
+    table: Table,
+    columns: Mapping[str, str],
+    constants: Mapping[str, str],
+    path: str,
+    *,
+    need_time: bool = True,
 ) -> dict[str, str]:
     """Contract name -> table column: ``--column`` first, then the contract name
     itself (case-insensitive). Names given a constant are left out."""
@@ -159,11 +164,13 @@ def resolve_columns(
             out[name] = columns[name]
         elif name in lower:
             out[name] = lower[name]
-    _require(out, constants, path)
+    _require(out, constants, path, need_time=need_time)
     return out
 
 
-def _require(found: Mapping[str, str], constants: Mapping[str, str], path: str) -> None:
+def _require(
+    found: Mapping[str, str], constants: Mapping[str, str], path: str, *, need_time: bool
+) -> None:
     have = set(found) | set(constants)
     needed = [
         ("expid",),
@@ -187,10 +194,10 @@ def _require(found: Mapping[str, str], constants: Mapping[str, str], path: str) 
             raise IngestError(f"{path}: {a} is given but not {b} (--column {b}=COL)")
     if "flux" in have and "mag" not in have and "exptime" not in have:
         raise IngestError(f"{path}: flux needs exptime (--column exptime=COL or --set exptime=S)")
-    if not have & {"mjd", "date_obs"}:
+    if need_time and not have & {"mjd", "date_obs"}:
         raise IngestError(
             f"{path}: no exposure time stamp: map mjd or date_obs (--column mjd=COL), "
-            "or --set one for the whole table"
+            "--set one for the whole table, or give the night (--night)"
         )
 
 
@@ -283,6 +290,8 @@ class _Reasons:
 
 
 def _times(values: dict[str, tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    if "mjd" not in values and "date_obs" not in values:
+        return np.full(n, np.nan)  # the night is given (--night)
     if "mjd" in values:
         return values["mjd"][0]
     raw, mask = values["date_obs"]
@@ -349,17 +358,22 @@ def _per_exposure_consistency(
         if name not in values:
             continue
         v = values[name][0]
-        for e in np.unique(expid[reasons.ok]):
-            rows = (expid == e) & reasons.ok & np.isfinite(v)
-            if not rows.any():
-                continue
-            vals, counts = np.unique(v[rows], return_counts=True)
-            if len(vals) > 1:
-                common = vals[np.argmax(counts)]
-                reasons.reject(
-                    rows & (v != common),
-                    f"{name} differs from the {common:g} of the exposure's other rows",
-                )
+        rows = np.nonzero(reasons.ok & np.isfinite(v))[0]
+        if not len(rows):
+            continue
+        keys, vals = expid[rows], v[rows]
+        order = np.lexsort((vals, keys))
+        k, x = keys[order], vals[order]
+        starts = np.r_[True, (k[1:] != k[:-1]) | (x[1:] != x[:-1])]
+        run_len = np.bincount(np.cumsum(starts) - 1)
+        run_key, run_val = k[starts], x[starts]
+        by_key = np.lexsort((-run_len, run_key))  # per exposure, its longest run first
+        first = np.r_[True, run_key[by_key][1:] != run_key[by_key][:-1]]
+        mode_key, mode_val = run_key[by_key][first], run_val[by_key][first]
+        common = mode_val[np.searchsorted(mode_key, keys)]
+        bad = np.zeros(len(expid), bool)
+        bad[rows[vals != common]] = True
+        reasons.reject(bad, f"{name} differs from the value of the exposure's other rows")
 
 
 def _duplicates(expid: np.ndarray, source: np.ndarray, dist: np.ndarray, reasons: _Reasons) -> None:
@@ -380,8 +394,11 @@ def validate_rows(
     values: dict[str, tuple[np.ndarray, np.ndarray]],
     refcat: RefCatalog,
     config: IngestConfig,
+    *,
+    need_time: bool = True,
 ) -> tuple[_Reasons, dict[str, np.ndarray]]:
-    """Reasons per row and the columns of the catalog, in contract units."""
+    """Reasons per row and the columns of the catalog, in contract units
+    (``need_time`` False: the night is given, a missing time stamp is no fault)."""
     n = len(table)
     reasons = _Reasons(n)
     keys, key_missing = values["expid"]
@@ -417,7 +434,8 @@ def validate_rows(
         reasons.reject(mag_err < 0, "negative mag_err")
         reasons.reject(mag_err == 0, "zero mag_err (infinite weight)")
     mjd = _times(values, n)
-    reasons.reject(~np.isfinite(mjd), "missing or unreadable mjd/date_obs")
+    if need_time:
+        reasons.reject(~np.isfinite(mjd), "missing or unreadable mjd/date_obs")
     expid, mapping = expid_integers(keys)
     source, dist = _match(values, refcat, reasons, config.match_radius_arcsec)
     _per_exposure_consistency(expid, values, reasons)
@@ -479,7 +497,9 @@ def _exposure_result(
     )
     row: dict[str, Any] = {
         "expid": int(cols["expid"][first]),
-        "mjd": float(np.median(cols["mjd"][rows])),
+        "mjd": float(np.nanmedian(cols["mjd"][rows]))
+        if np.isfinite(cols["mjd"][rows]).any()
+        else float("nan"),
         "band": band,
         "airmass": float(cols["airmass"][first]),
         "exptime_s": exptime,
@@ -568,14 +588,16 @@ def ingest_table(
     photometry = photometry or PhotometryConfig()
     columns, constants = dict(columns or {}), dict(constants or {})
     table = read_table(path)
-    mapping = resolve_columns(table, columns, constants, path)
+    mapping = resolve_columns(table, columns, constants, path, need_time=night is None)
     refcat = read_refcat(refcat_path)
-    reasons, cols = validate_rows(table, _values(table, mapping, constants), refcat, config)
-    nights = np.full(len(table), UNKNOWN_NIGHT, dtype=object)
-    for i in np.nonzero(np.isfinite(cols["mjd"]))[0]:
-        nights[i] = night or observing_night(float(cols["mjd"][i]), site_longitude_deg)
-    if night is not None:
-        nights[:] = night
+    values = _values(table, mapping, constants)
+    reasons, cols = validate_rows(table, values, refcat, config, need_time=night is None)
+    nights = np.full(len(table), UNKNOWN_NIGHT if night is None else night, dtype=object)
+    timed = np.isfinite(cols["mjd"])
+    if night is None and timed.any():
+        mjds, which = np.unique(cols["mjd"][timed], return_inverse=True)
+        labels = np.array([observing_night(float(m), site_longitude_deg) for m in mjds], object)
+        nights[timed] = labels[which]
     result: dict[str, dict[str, Any]] = {}
     for name in sorted(set(nights) - {UNKNOWN_NIGHT}):
         in_night = nights == name
@@ -645,10 +667,9 @@ def _write_night(
     )
     if not len(good):
         return {"exposures": 0, "observations": 0, "rejected": len(bad)}
-    expid = cols["expid"]
-    results = [
-        _exposure_result(good[expid[good] == e], cols, band, path) for e in np.unique(expid[good])
-    ]
+    good = good[np.argsort(cols["expid"][good], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, np.diff(cols["expid"][good]) != 0])
+    results = [_exposure_result(rows, cols, band, path) for rows in np.split(good, starts[1:])]
     shapes = {(r.catalog.attrs["quad_nx"], r.catalog.attrs["quad_ny"]) for r in results}
     if len(shapes) != 1:
         raise IngestError(f"{path}: night {night} mixes quadrant sizes {sorted(shapes)}")

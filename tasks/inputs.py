@@ -12,7 +12,7 @@ all fails either way (:func:`raise_for_missing`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -136,6 +136,24 @@ def missing_raw_nights(requested: Iterable[str] | None, found: Iterable[str], ra
         }
         for n in sorted(set(requested or ()))
         if n not in have
+    ]
+
+
+def unbuilt_masters(
+    nights: Iterable[str], period_of: Callable[[str], str], built: Iterable[str]
+) -> list[dict[str, str]]:
+    """Nights whose period got no master bias (``built``: the groups written or
+    kept by the masters stage): its period had no usable bias frame indexed."""
+    done = set(built)
+    return [
+        {
+            "stage": "masters",
+            "night": night,
+            "group": f"masters/bias/{period_of(night)}",
+            "reason": "not built: no usable bias frame is indexed in its period",
+        }
+        for night in sorted(set(nights))
+        if f"masters/bias/{period_of(night)}" not in done
     ]
 
 

@@ -136,6 +136,20 @@ def test_ubercal_deployment_with_an_inline_configuration(stack):
     )  # fmt: skip
     assert bad.state.is_failed()
     assert "unknown key 'optoins'" in str(bad.state.result(raise_on_failure=False))
+    # Over a range, nights without their input are listed with the reason, not failed.
+    rng = run_deployment(
+        "backfill/backfill",
+        parameters={"start": "2026-04-01", "end": "2026-04-03", "stages": ["ubercal"],
+                    "config": inline},
+        timeout=600,
+    )  # fmt: skip
+    assert rng.state.is_completed(), rng.state.message
+    missing = {(m["night"], m["group"]): m["reason"] for m in rng.state.result()["missing"]}
+    assert set(missing) == {
+        ("2026-04-02", "nights/2026-04-02/catalog"),
+        ("2026-04-03", "nights/2026-04-03/catalog"),
+    }
+    assert all(r.startswith("is missing") for r in missing.values())
 
 
 def test_served_stack_listens_on_loopback_only(stack):

@@ -217,3 +217,23 @@ def _refcat_obj(path):
     from tasks.io.raw import read_refcat
 
     return read_refcat(path)
+
+
+def test_the_night_can_be_given_instead_of_time_stamps(tmp_path):
+    ref, refcat = _refcat(tmp_path)
+    obs = _observations(ref)
+    del obs["MJD"]
+    path = _write(obs, tmp_path / "phot.fits", "fits")
+    result = ingest_table(
+        path,
+        str(tmp_path / "s.zarr"),
+        band="r",
+        refcat_path=refcat,
+        night="2020-01-02",
+        columns={"source_id": "SRC", "expid": "FILE", "flux_err": "FLUXERR"},
+        constants={"exptime": "30", "quad_nx": "2048", "quad_ny": "2048"},
+        site_longitude_deg=-116.865,
+    )
+    assert result.nights["2020-01-02"]["observations"] == N_EXP * N_STARS
+    exp = read_group(tmp_path / "s.zarr", "nights/2020-01-02/exposures")
+    assert np.all(np.isnan(exp.mjd.values))
