@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from sim.badfiles import write_bad_files
 from sim.catalogsim import CatalogSurvey
 from sim.config import SurveyConfig, make_config
 from sim.survey import Survey, write_raw
+from tasks.io.provenance import provenance
 from tasks.io.store import write_group
 from tasks.io.truth import write_truth
 
@@ -105,18 +107,20 @@ def write_catalog_survey(store: str | os.PathLike, survey: CatalogSurvey) -> Non
     """One nights/<night>/catalog and exposures group per night (docs/store.md)."""
     o, ex = survey.observations, survey.exposures
     for night, rows in survey.night_slices().items():
-        cat = xr.Dataset({k: ("obs", v[rows]) for k, v in o.items()})
-        write_group(
-            store,
-            f"nights/{night}/catalog",
-            cat,
-            attrs={"quad_nx": survey.config.quad_nx, "quad_ny": survey.config.quad_ny},
+        attrs = provenance(
+            "simulate-catalog",
+            config=dataclasses.asdict(survey.config),
+            night=night,
+            quad_nx=survey.config.quad_nx,
+            quad_ny=survey.config.quad_ny,
         )
+        cat = xr.Dataset({k: ("obs", v[rows]) for k, v in o.items()})
+        write_group(store, f"nights/{night}/catalog", cat, attrs=attrs)
         sel = ex["night"] == night
         exps = xr.Dataset(
             {k: ("exposure", ex[k][sel]) for k in ("expid", "mjd", "band", "airmass", "exptime_s")}
         )
-        write_group(store, f"nights/{night}/exposures", exps)
+        write_group(store, f"nights/{night}/exposures", exps, attrs=attrs)
 
 
 def write_catalog_refcat(path: str | os.PathLike, survey: CatalogSurvey) -> None:

@@ -11,7 +11,7 @@ import pytest
 from flows.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["run"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["simulate"], ["run"], ["demo"], ["config"], ["ingest"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
@@ -19,7 +19,8 @@ def test_every_command_has_help(command, capsys):
     out = capsys.readouterr().out
     assert "usage: photocal" in out
     if command == ["run"]:
-        for option in ("--store", "--raw", "--night", "--stages", "--dask-address", "--workers"):
+        options = ("--store", "--raw", "--night", "--stages", "--config", "--dask-address")
+        for option in (*options, "--workers"):
             assert option in out
 
 
