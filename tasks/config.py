@@ -46,7 +46,7 @@ _ORDER = (
     "ingest",
     "store",
 )
-_SECRET = re.compile(r"secret|password|token|key$", re.IGNORECASE)
+_HIDDEN_KEYS = re.compile(r"secret|password|token|key$", re.IGNORECASE)
 
 
 class StageConfig(BaseModel):
@@ -443,7 +443,7 @@ def _field_lines(
     lines = [f"# {ln}" for ln in _wrap(comment)]
     lines.append(f"#   type: {_type_text(field.annotation)}; default: {_toml_value(default)}")
     if mask and isinstance(value, Mapping):
-        value = {k: ("***" if _SECRET.search(str(k)) else v) for k, v in value.items()}
+        value = {k: ("***" if _HIDDEN_KEYS.search(str(k)) else v) for k, v in value.items()}
     if value is None:
         lines.append(f"# {key} =")
     else:
