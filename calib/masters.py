@@ -191,9 +191,6 @@ _BLOCK_COMBINERS = {
 
 # -- defects --------------------------------------------------------------------
 
-HOT = np.uint8(1)
-DEAD = np.uint8(2)
-
 
 def _robust_sigma(values: np.ndarray) -> float:
     values = values[np.isfinite(values)]

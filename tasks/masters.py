@@ -20,6 +20,7 @@ import xarray as xr
 from prefect import get_run_logger, task
 from pydantic import BaseModel, Field
 
+from calib.bits import MASK_DEAD, MASK_HOT
 from calib.masters import (
     MasterFrame,
     combine_frames,
@@ -43,8 +44,6 @@ from tasks.io.store import (
     write_region,
 )
 from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_dir
-
-HOT, DEAD = np.uint8(1), np.uint8(2)
 
 
 class MastersConfig(BaseModel):
@@ -291,7 +290,7 @@ def build_bias_quadrants(
                 "sigma": (dims, one(m.sigma)),
                 "uncertainty": (dims, one(m.uncertainty)),
                 "nframes": (dims, one(m.nframes)),
-                "defects": (dims, one(hot.astype(np.uint8) * HOT)),
+                "defects": (dims, one(hot.astype(np.uint8) * MASK_HOT)),
                 "delta_ref": (dims, one(delta)),
                 "mean_delta_adu": (("quadrant",), [stats.get("mean_delta_adu", np.nan)]),
                 "rms_delta_adu": (("quadrant",), [stats.get("rms_delta_adu", np.nan)]),
@@ -506,7 +505,7 @@ def build_flat_quadrants(
     out = {}
     for q in quadrants:
         b = bias.sel(quadrant=q)
-        b_img, hot = b.bias.values, (b.defects.values & HOT) != 0
+        b_img, hot = b.bias.values, (b.defects.values & MASK_HOT) != 0
         led_masters, resid_maps = [], []
         ratio = np.full((3, len(leds), len(nights)), np.nan)
         ratio_hist = np.zeros((len(leds), len(nights), len(RATIO_EDGES) - 1), dtype=np.int64)
@@ -551,7 +550,7 @@ def build_flat_quadrants(
         nfr = np.sum([m.nframes for m in led_masters], axis=0).astype(np.int16)
         level = np.nanmedian(center[~hot])
         dead = find_dead_pixels(center / level, min_response=config.dead_min_response)
-        defects = (hot.astype(np.uint8) * HOT) | (dead.astype(np.uint8) * DEAD)
+        defects = (hot.astype(np.uint8) * MASK_HOT) | (dead.astype(np.uint8) * MASK_DEAD)
         good = (defects == 0) & np.isfinite(center)
         i = plan.quadrants.index(q)
         dims = ("quadrant", "y", "x")

@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, Field
 
+from calib.bits import MASK_BITS
 from calib.photometry import (
     FLAG_BITS,
     FLAG_CROWDED,
@@ -33,11 +34,11 @@ from calib.photometry import (
     apply_aperture_corrections,
     catalog_positions,
     instrumental_magnitudes,
-    match_detections,
     photometer_quadrant,
 )
+from calib.photometry.qa import quadrant_qa
 from calib.pixel_area import PixelAreaCache
-from calib.reduce import MASK_BITS, ReducedQuadrant, reduce_quadrant
+from calib.reduce import ReducedQuadrant, reduce_quadrant
 from calib.zeropoint import classical_zeropoints
 from ml.zp_features import centre_crop
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
@@ -312,7 +313,9 @@ def photometer_exposure(
             max_centroid_shift_px=pc.max_centroid_shift_px,
         )
         parts.append((q, phot, rows[phot.index]))
-        qa[q] = _quadrant_qa(reduced, phot, x[phot.index], y[phot.index], pc)
+        qa[q] = quadrant_qa(
+            reduced, phot, x[phot.index], y[phot.index], detect=pc.qa_detection
+        ).as_row()
         if rc.keep_reduced:
             kept[q] = _fluence_image(reduced)
         if patch_of is None or q < patch_of[0]:
@@ -365,42 +368,6 @@ def _patch_e_s(reduced: ReducedQuadrant, size: int, exptime_s: float) -> np.ndar
     the product rather than after it."""
     sb, area = (centre_crop(a, size) for a in (reduced.surface_brightness, reduced.pixel_area))
     return (sb * area).astype(np.float32) / exptime_s
-
-
-def _quadrant_qa(
-    reduced: ReducedQuadrant,
-    phot: QuadrantPhotometry,
-    x_wcs: np.ndarray,
-    y_wcs: np.ndarray,
-    pc: PhotometryConfig,
-) -> dict[str, float]:
-    n_cr = int(np.count_nonzero(reduced.mask & MASK_BITS["cosmic_ray"]))
-    out = {
-        "n_stars": float(len(phot.index)),
-        "n_clean": float(np.count_nonzero(phot.flags == 0)),
-        "n_cosmic_px": float(n_cr),
-        "centroid_dx_px": phot.centroid_offset_px[0],
-        "centroid_dy_px": phot.centroid_offset_px[1],
-        "match_rate": float("nan"),
-        "astrometric_rms_px": float("nan"),
-    }
-    if pc.qa_detection and len(phot.index):
-        # Background subtracted on surface brightness, as for the photometry.
-        sb = reduced.surface_brightness - np.float32(phot.background_e)
-        fluence = (sb * reduced.pixel_area).astype(np.float32)
-        noise = float(np.sqrt(np.median(reduced.variance)))
-        qa = match_detections(
-            fluence,
-            x_wcs,
-            y_wcs,
-            # Match rate over the clean stars: blends and saturated stars are
-            # rightly not single detections.
-            np.where(phot.flags == 0, phot.flux_e / phot.flux_err_e, np.nan),
-            fwhm_px=phot.fwhm_px,
-            noise_e=max(noise, 1e-3),
-        )
-        out.update(match_rate=qa.match_rate, astrometric_rms_px=qa.astrometric_rms_px)
-    return out
 
 
 def _catalog_part(
