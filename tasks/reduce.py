@@ -29,7 +29,6 @@ from pydantic import BaseModel, Field
 from calib.bits import MASK_BITS
 from calib.photometry import (
     FLAG_BITS,
-    FLAG_CROWDED,
     QuadrantPhotometry,
     apply_aperture_corrections,
     catalog_positions,
@@ -39,7 +38,7 @@ from calib.photometry import (
 from calib.photometry.qa import quadrant_qa
 from calib.pixel_area import PixelAreaCache
 from calib.reduce import ReducedQuadrant, reduce_quadrant
-from calib.zeropoint import classical_zeropoints
+from calib.zeropoint import classical_zeropoints, zeropoint_stars
 from ml.zp_features import centre_crop
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
@@ -521,14 +520,15 @@ def _classical(
     exp_row = {int(e): i for i, e in enumerate(expids)}
     q_col = {int(q): j for j, q in enumerate(exposures.quadrant.values)}
     band_of_obs = exposures.band.values[[exp_row[int(e)] for e in catalog.expid.values]]
+    usable = zeropoint_stars(
+        catalog.flags.values,
+        catalog.contamination.values,
+        catalog.mag_inst_err.values,
+        max_contamination=pc.zp_max_contamination,
+        max_mag_err=pc.zp_max_mag_err,
+    )
     for band in np.unique(exposures.band.values):
-        flags = catalog.flags.values
-        sel = (
-            (band_of_obs == band)
-            & ((flags & ~FLAG_CROWDED) == 0)
-            & (catalog.contamination.values < pc.zp_max_contamination)
-            & (catalog.mag_inst_err.values < pc.zp_max_mag_err)
-        )
+        sel = (band_of_obs == band) & usable
         m_ref = getattr(refcat, f"{band}_mag")[pos[sel]]
         colour = refcat.bp_rp[pos[sel]]
         expid, quad = catalog.expid.values[sel], catalog.quadrant.values[sel]

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calib.zeropoint import classical_zeropoints, fit_colour_term, median_variance_factor
+from calib.bits import FLAG_BITS
+from calib.zeropoint import (
+    classical_zeropoints,
+    fit_colour_term,
+    median_variance_factor,
+    zeropoint_stars,
+)
 
 
 def _stars(seed, *, n_groups=300, per_group=(3, 12), colour_term=0.05, extra=0.01):
@@ -96,3 +102,14 @@ def test_too_few_stars_for_a_colour_term_apply_none():
     assert not res.colour_term.fitted
     assert res.colour_term.value == 0.0
     assert np.isnan(res.colour_term.err)
+
+
+def test_zeropoint_stars_keep_clean_and_mildly_crowded_precise_stars():
+    crowded, edge = FLAG_BITS["crowded"], FLAG_BITS["edge"]
+    flags = np.array([0, crowded, crowded, edge, 0, edge | crowded])
+    contamination = np.array([0.0, 0.005, 0.02, 0.0, 0.0, 0.0])
+    err = np.array([0.01, 0.01, 0.01, 0.01, 0.08, 0.01])
+    use = zeropoint_stars(flags, contamination, err, max_contamination=0.01, max_mag_err=0.05)
+    assert use.tolist() == [True, True, False, False, False, False]
+    looser = zeropoint_stars(flags, contamination, err, max_contamination=0.05, max_mag_err=0.1)
+    assert looser.tolist() == [True, True, True, False, True, False]
