@@ -533,7 +533,7 @@ def _classical(
         colour = refcat.bp_rp[pos[sel]]
         expid, quad = catalog.expid.values[sel], catalog.quadrant.values[sel]
         group = expid * N_QUADRANTS + quad
-        if len(group) < 3:
+        if len(group) < pc.zp_min_stars:
             terms[str(band)] = (float("nan"), float("nan"))
             continue
         res = classical_zeropoints(
