@@ -165,12 +165,19 @@ def fit_colour_term(
         slope = float(np.sum(wk * c_c * d_c) / sxx)
         resid = (d_c - slope * c_c) * np.sqrt(w)
         n = int(keep.sum())
-        n_groups = int(np.count_nonzero(np.bincount(g, weights=keep.astype(float))))
+        per_group = np.bincount(g, weights=keep.astype(float))
+        n_groups = int(np.count_nonzero(per_group))
         dof = max(n - n_groups - 1, 1)
         chi2 = float(np.sum(resid[keep] ** 2) / dof)
         err = float(np.sqrt(chi2 / sxx))
-        sigma = 1.4826 * float(np.median(np.abs(resid[keep])))
-        new = np.abs(resid) <= clip_sigma * max(sigma, 1e-12)
+        # A star alone in its group is its group's mean: its residual is zero but
+        # for rounding, says nothing about the slope or the scatter, and must not
+        # set the clipping scale (with mostly single-star groups, rounding noise did).
+        paired = per_group[g] >= 2
+        if not (keep & paired).any():
+            break
+        sigma = 1.4826 * float(np.median(np.abs(resid[keep & paired])))
+        new = (np.abs(resid) <= clip_sigma * max(sigma, 1e-12)) | (keep & ~paired)
         if np.array_equal(new, keep):
             break
         keep = new
