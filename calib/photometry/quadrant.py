@@ -221,7 +221,8 @@ class _FluenceImage:
 
     fluence: np.ndarray  # (ny, nx) e-
     variance: np.ndarray  # (ny, nx) e-^2
-    level_var: np.ndarray  # (ny, nx) e-^2, variance of the subtracted background
+    level_err: np.ndarray  # (ny, nx) e- per nominal pixel, error of the subtracted background
+    pixel_area: np.ndarray  # (ny, nx)
     background_e: float  # median background, e- per nominal pixel
     sky_rms_e: float  # median sky rms, e- per nominal pixel
 
@@ -253,7 +254,8 @@ def _build_fluence(
     return _FluenceImage(
         fluence=fluence,
         variance=cast(np.ndarray, fluence_var),  # given a variance, to_fluence returns one
-        level_var=(bkg.level_err * reduced.pixel_area) ** 2,
+        level_err=bkg.level_err,
+        pixel_area=reduced.pixel_area,
         background_e=float(np.median(bkg.background)),
         sky_rms_e=float(np.median(bkg.rms)),
     )
@@ -349,9 +351,10 @@ def _measure(
     ny, nx = image.fluence.shape
     flux, flux_var = aperture_sums(image.fluence, px, py, r_ap, variance=image.variance)
     area_ap = np.pi * r_ap**2
-    level = image.level_var[
-        np.clip(np.rint(py), 0, ny - 1).astype(int), np.clip(np.rint(px), 0, nx - 1).astype(int)
-    ]
+    iy = np.clip(np.rint(py), 0, ny - 1).astype(int)
+    ix = np.clip(np.rint(px), 0, nx - 1).astype(int)
+    # The background's error in fluence units, at the stars only.
+    level = (image.level_err[iy, ix] * image.pixel_area[iy, ix]) ** 2
     return flux, np.sqrt(flux_var + area_ap**2 * level)
 
 

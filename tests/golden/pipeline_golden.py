@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", choices=("tiny", "small"))
     p.add_argument("--rtol", type=float, default=1e-9)
     p.add_argument("--workdir", default=None, help="keep the run here (default: a temp dir)")
+    p.add_argument("--save", default=None, help="compare: also save the new run's arrays here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="photocal-golden-") as tmp:
         arrays = run_preset(args.preset, args.workdir or tmp)
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         save(args.golden, arrays)
         print(f"{args.golden}: {len(arrays)} arrays from the {args.preset} preset")
         return 0
+    if args.save:
+        save(args.save, arrays)
     golden, versions = load(args.golden)
     if versions != library_versions():
         print(f"note: golden made with {versions}, this run has {library_versions()}")
