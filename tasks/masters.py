@@ -17,7 +17,7 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 import xarray as xr
-from prefect import get_run_logger, task
+from prefect import task
 from pydantic import BaseModel, Field
 
 from calib.bits import MASK_HOT
@@ -48,6 +48,7 @@ from tasks.io.store import (
     staging_committed,
     write_region,
 )
+from tasks.logs import run_logger
 from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_dir
 
 
@@ -735,7 +736,7 @@ def plan_masters_task(
     store: str, nights: list[str] | None, config: MastersConfig
 ) -> list[PeriodPlan]:
     plans = plan_periods(store, nights, config)
-    get_run_logger().info("masters: %d period(s): %s", len(plans), [p.period for p in plans])
+    run_logger(__name__).info("masters: %d period(s): %s", len(plans), [p.period for p in plans])
     return plans
 
 
@@ -756,7 +757,7 @@ def build_bias_task(
 def commit_bias_task(store, plan, staging, stats, reference, config) -> dict[str, Any]:
     merged = {q: s for part in stats for q, s in part.items()}
     summary = commit_bias(store, plan, staging, merged, reference, config)
-    logger = get_run_logger()
+    logger = run_logger(__name__)
     logger.info("master bias %s: %s", plan.period, summary)
     if summary.get("flagged_quadrants"):
         logger.warning(
@@ -783,7 +784,7 @@ def build_flat_task(store, plan, band, quadrants, staging, level_parts, config):
 @task(name="commit-master-flat")
 def commit_flat_task(store, plan, band, staging, sums, config) -> dict[str, Any]:
     summary = commit_flat(store, plan, band, staging, sums, config)
-    get_run_logger().info("master flat %s %s: %s", band, plan.period, summary)
+    run_logger(__name__).info("master flat %s %s: %s", band, plan.period, summary)
     return summary
 
 
@@ -798,22 +799,10 @@ def has_master(store: str, group: str) -> bool:
 def build_masters_sequentially(
     store: str, nights: list[str] | None = None, config: MastersConfig | None = None
 ) -> dict[str, Any]:
-    """The masters stage without Prefect or Dask, all quadrants in one process
-    (benchmarks, debugging); returns the summaries by group."""
-    config = config or MastersConfig()
-    plans = plan_periods(store, nights, config)
-    reference = reference_period(store, plans, config)
-    out: dict[str, Any] = {}
-    for plan in plans:
-        ref = None if reference == plan.period else reference
-        group = f"masters/bias/{plan.period}"
-        staging = begin_group(store, group, bias_template(plan))
-        stats = build_bias_quadrants(store, plan, plan.quadrants, staging, ref, config)
-        out[group] = commit_bias(store, plan, staging, stats, ref, config)
-        for band in plan.flats:
-            group = f"masters/flat/{band}/{plan.period}"
-            levels = frame_levels([flat_levels(store, plan, band, plan.quadrants, config)])
-            staging = begin_group(store, group, flat_template(plan, band))
-            sums = build_flat_quadrants(store, plan, band, plan.quadrants, staging, levels, config)
-            out[group] = commit_flat(store, plan, band, staging, [sums], config)
-    return out
+    """The masters stage without Prefect or Dask, in one process (benchmarks,
+    debugging): the flow's wiring (:func:`tasks.stages.masters_stage`) run
+    sequentially; returns the summaries by group."""
+    # Imported here: tasks.stages wires this module's tasks.
+    from tasks.stages import SequentialRun, masters_stage
+
+    return masters_stage(SequentialRun(), store, nights, config or MastersConfig())

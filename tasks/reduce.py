@@ -15,15 +15,13 @@ unless ``keep_reduced`` is set (a real night is terabytes); then they go to
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 from pydantic import BaseModel, Field
 
 from calib.bits import MASK_BITS
@@ -42,6 +40,7 @@ from calib.zeropoint import classical_zeropoints, zeropoint_stars
 from ml.zp_features import centre_crop
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
+from tasks.logs import run_logger
 
 N_QUADRANTS = 64
 
@@ -639,30 +638,21 @@ def reduce_night(
     reduce_config: ReduceConfig | None = None,
     photometry_config: PhotometryConfig | None = None,
 ) -> dict[str, int]:
-    """The whole night in this process, without Prefect (tests, debugging)."""
-    rc = reduce_config or ReduceConfig()
-    pc = photometry_config or PhotometryConfig()
-    indexed_root, relpaths = science_files(store, night)
-    root = raw_root or indexed_root
-    results: list[ExposureResult] = []
-    for chunk in chunks(relpaths, rc.exposures_per_task):
-        results += photometer_chunk(
-            store, root, chunk, refcat_path, night, reduce_config=rc, photometry_config=pc
-        )
-    return write_night(
-        store, night, results, refcat_path, reduce_config=rc, photometry_config=pc, inputs=relpaths
-    )
+    """The whole night in this process, without Prefect (tests, debugging): the
+    flow's wiring (:func:`tasks.stages.photometry_stage`) run sequentially."""
+    # Imported here: tasks.stages wires this module's tasks.
+    from tasks.stages import SequentialRun, photometry_stage
+
+    counts = photometry_stage(
+        SequentialRun(), store, [night], refcat_path, reduce_config or ReduceConfig(),
+        photometry_config or PhotometryConfig(), raw_root=raw_root,
+    )  # fmt: skip
+    if night not in counts:
+        raise StoreError(f"{store}: night {night} has no index or no science exposure")
+    return counts[night]
 
 
 # --- Prefect adapters ---------------------------------------------------------------
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    # The task bodies also run outside Prefect (``task.fn`` in tests, debugging).
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 @task(name="check-refcat", retries=0)
@@ -671,7 +661,7 @@ def check_refcat_task(refcat_path: str) -> int:
     the run at once with its one-line reason (every photometry task needs it).
     Returns the number of reference stars."""
     n = len(read_refcat(refcat_path))
-    _logger().info("reference catalog %s: %d stars", refcat_path, n)
+    run_logger(__name__).info("reference catalog %s: %d stars", refcat_path, n)
     return n
 
 
@@ -679,7 +669,7 @@ def check_refcat_task(refcat_path: str) -> int:
 def plan_reduce_task(store: str, night: str, config: ReduceConfig) -> tuple[str, list[list[str]]]:
     """Raw root and the night's science files in chunks of ``exposures_per_task``."""
     root, relpaths = science_files(store, night)
-    _logger().info("night %s: %d science exposures", night, len(relpaths))
+    run_logger(__name__).info("night %s: %d science exposures", night, len(relpaths))
     return root, chunks(relpaths, config.exposures_per_task)
 
 
@@ -725,5 +715,5 @@ def write_night_task(
         photometry_config=photometry_config,
         inputs=[r.path for r in results],
     )
-    _logger().info("night %s: %s", night, counts)
+    run_logger(__name__).info("night %s: %s", night, counts)
     return counts
