@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -125,9 +126,14 @@ def differences(
 def run_preset(preset: str, workdir: str) -> dict[str, np.ndarray]:
     from tasks.simulate import simulate_survey
 
-    sim = simulate_survey(Path(workdir) / "sim", preset=preset, seed=SEED, bad_files=True)
-    store = str(Path(workdir) / "store.zarr")
-    run_stages(str(sim.raw), store, str(sim.refcat))
+    sim_dir = Path(workdir) / "sim"
+    if (sim_dir / "raw").is_dir():  # a kept --workdir: the same survey, not simulated again
+        raw, refcat = sim_dir / "raw", sim_dir / "refcat.fits"
+    else:
+        sim = simulate_survey(sim_dir, preset=preset, seed=SEED, bad_files=True)
+        raw, refcat = sim.raw, sim.refcat
+    store = str(Path(workdir) / f"store-{os.getpid()}.zarr")
+    run_stages(str(raw), store, str(refcat))
     return collect(store)
 
 
