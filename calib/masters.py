@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numba
 import numpy as np
 
 CombineMode = Literal["ccdproc", "iterative", "median"]
@@ -228,6 +229,15 @@ class BandCombiner:
                 f"band of shape {band.shape} at row {row0} does not fit a stack of "
                 f"{self.n_frames} frames of shape {self.shape}"
             )
+        todo = np.arange(rows)
+        if self.mode == "ccdproc" and band.dtype == np.float32:
+            # The compiled path for finite rows (2x the numpy blocks, identical bits).
+            low, high, _ = self._clip
+            finite = _ccdproc_rows(
+                np.ascontiguousarray(band), float(low), float(high), self.center, self.sigma,
+                self.uncertainty, self.nframes, row0,
+            )  # fmt: skip
+            todo = np.flatnonzero(~finite)
         step = max(1, int(_BLOCK_BYTES // (8 * n * nx)))
         block = _BLOCK_COMBINERS[self.mode]
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -235,12 +245,12 @@ class BandCombiner:
             warnings.simplefilter("ignore", RuntimeWarning)
             # Blocks of ~1 MiB of float64 stay in a core's cache through the dozen
             # passes of the clipping (32 MiB blocks: 1.6x slower, bit-identical).
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                sl = slice(row0 + r0, row0 + r1)
-                c, s, u, k = block(band[:, r0:r1].astype(np.float64), *self._clip)
-                self.center[sl], self.sigma[sl], self.uncertainty[sl] = c, s, u
-                self.nframes[sl] = k
+            for i in range(0, len(todo), step):
+                sel = todo[i : i + step]
+                c, s, u, k = block(band[:, sel].astype(np.float64), *self._clip)
+                out = row0 + sel
+                self.center[out], self.sigma[out], self.uncertainty[out] = c, s, u
+                self.nframes[out] = k
         self._done[row0 : row0 + rows] = True
 
     def result(self) -> MasterFrame:
@@ -319,6 +329,69 @@ def _block_median(data: np.ndarray, _low: float, _high: float, _iterations: int)
     sigma = _MAD_TO_SIGMA * np.nanmedian(np.abs(data - med), axis=0)
     kept = np.count_nonzero(~np.isnan(data), axis=0)
     return med, sigma, _MEDIAN_EFFICIENCY * sigma / np.sqrt(kept), kept
+
+
+@numba.njit(cache=True, nogil=True)
+def _ccdproc_rows(band, low, high, center, sigma, uncertainty, nframes, row0):  # pragma: no cover
+    """:func:`_block_ccdproc_finite` fused into one kernel over a float32 band
+    (n, rows, nx): the same float64 operations in the same order per pixel (sums
+    in frame order, two-pass variance, clipped values as 0.0), so bit-identical,
+    without the float64 copies. Returns per row whether every sum was finite; the
+    other rows are left for the NaN-aware path."""
+    n, rows, nx = band.shape
+    total = np.empty(nx)
+    mean = np.empty(nx)
+    ss = np.empty(nx)
+    lo = np.empty(nx)
+    hi = np.empty(nx)
+    kept = np.empty(nx, np.int64)
+    finite = np.ones(rows, np.bool_)
+    for r in range(rows):
+        total[:] = 0.0
+        for k in range(n):
+            for x in range(nx):
+                total[x] += np.float64(band[k, r, x])
+        for x in range(nx):
+            if not np.isfinite(total[x]):
+                finite[r] = False
+        if not finite[r]:
+            continue
+        for x in range(nx):
+            mean[x] = total[x] / n
+        ss[:] = 0.0
+        for k in range(n):
+            for x in range(nx):
+                d = np.float64(band[k, r, x]) - mean[x]
+                ss[x] += d * d
+        for x in range(nx):
+            std = np.sqrt(ss[x] / n)
+            lo[x] = mean[x] - std * low
+            hi[x] = mean[x] + std * high
+        kept[:] = n
+        total[:] = 0.0
+        for k in range(n):
+            for x in range(nx):
+                v = np.float64(band[k, r, x])
+                if v < lo[x] or v > hi[x]:
+                    kept[x] -= 1
+                    total[x] += 0.0
+                else:
+                    total[x] += v
+        for x in range(nx):
+            mean[x] = total[x] / kept[x]
+        ss[:] = 0.0
+        for k in range(n):
+            for x in range(nx):
+                v = np.float64(band[k, r, x])
+                d = 0.0 if (v < lo[x] or v > hi[x]) else v - mean[x]
+                ss[x] += d * d
+        for x in range(nx):
+            s = np.sqrt(ss[x] / kept[x])
+            center[row0 + r, x] = mean[x]
+            sigma[row0 + r, x] = s
+            uncertainty[row0 + r, x] = s / np.sqrt(kept[x])
+            nframes[row0 + r, x] = kept[x]
+    return finite
 
 
 _BLOCK_COMBINERS = {
