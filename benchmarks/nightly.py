@@ -3,10 +3,11 @@ on the 64-quadrant ZTF focal plane, per stage wall time, worker CPU and peak
 memory, throughput per core, and the projection to a 700-exposure night.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nightly.py --preset ztf --exposures 2 \\
-        [--workers 2] [--workdir DIR] [--keep] [--project-workers 16 64]
+        [--workers 2] [--ccds 16] [--workdir DIR] [--keep] [--project-workers 16 64 256]
 
 The survey (3 biases, 3 LED flats, ``--exposures`` science exposures, one night)
-is simulated into ``--workdir`` (reused when it is there; deleted at the end
+on ``--ccds`` CCDs of 4 quadrants (16: the whole 64-quadrant focal plane) is
+simulated into ``--workdir`` (reused when it is there; deleted at the end
 unless ``--keep``: a ZTF exposure is 1.2 GB of FITS and the masters 20 GB of
 store). The stages run through ``photocal_run`` on a local Dask cluster of
 ``--workers`` single-threaded workers, restarted between stages so that each
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the simulated data and store")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--project-workers", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--ccds", type=int, default=16, help="CCDs simulated (4 quadrants each)")
     args = p.parse_args()
 
     from flows.pipeline import photocal_run
@@ -44,6 +46,10 @@ def main() -> None:
 
     work = args.workdir or tempfile.mkdtemp(prefix="photocal-nightly-")
     cfg = make_config(args.preset, seed=args.seed, nights=1)
+    if args.ccds < 16:
+        cols = tuple(cfg.camera.ccd_cols[: min(4, args.ccds)])
+        rows = tuple(cfg.camera.ccd_rows[: max(1, args.ccds // 4)])
+        cfg = cfg.replace(camera=dataclasses.replace(cfg.camera, ccd_cols=cols, ccd_rows=rows))
     cfg = cfg.replace(
         schedule=dataclasses.replace(
             cfg.schedule, n_bias=3, n_dark=0, leds_per_band=3, n_flat_per_led=1,
