@@ -37,7 +37,8 @@ class MeasuredCluster:
 
     def stage(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (a flow call) on fresh workers and record its measures."""
-        self.client.restart(wait_for_workers=True)
+        # A loaded machine needs minutes to start a worker with Prefect imported.
+        self.client.restart(timeout=900, wait_for_workers=True)
         t0 = time.perf_counter()
         out = fn()
         wall = time.perf_counter() - t0

@@ -100,7 +100,29 @@ def single_quadrant(n: int, ny: int, nx: int, repeat: int) -> None:
     print(f"speed-up: {c_peer / c_ours:.1f} x   (CPU seconds; target >= 20 x)")
 
 
-def focal_plane(workers: int, workdir: str | None, frames: int, ccds: int, keep: bool) -> None:
+def _replicate_biases(raw: str, n_bias: int) -> None:
+    """Copies of the simulated biases, each with its own EXPID and time, up to
+    ``n_bias``: the I/O and memory of a large stack without simulating every frame
+    (the values repeat, so the clipping has less to do than on real frames)."""
+    import glob
+    import shutil
+
+    from astropy.io import fits
+
+    biases = sorted(glob.glob(os.path.join(raw, "**", "*bias*.fits"), recursive=True))
+    for k in range(len(biases), n_bias):
+        source = biases[k % len(biases)]
+        target = source.replace(".fits", f"_copy{k:03d}.fits")
+        shutil.copyfile(source, target)
+        with fits.open(target, mode="update") as hdul:
+            hdul[0].header["EXPID"] = 900_000_000 + k
+            hdul[0].header["MJD-OBS"] = hdul[0].header["MJD-OBS"] + 1e-4 * k
+    print(f"{n_bias} biases: {len(biases)} simulated, the others copies")
+
+
+def focal_plane(
+    workers: int, workdir: str | None, frames: int, ccds: int, keep: bool, replicate: int
+) -> None:
     import dataclasses
     import os
     import shutil
@@ -116,20 +138,23 @@ def focal_plane(workers: int, workdir: str | None, frames: int, ccds: int, keep:
     cfg = make_config("ztf", seed=1)
     side = tuple(range(1, 1 + min(4, ccds)))
     rows = tuple(range(1, 1 + max(1, ccds // 4)))
+    simulated = min(frames - 1, replicate or frames - 1)
     cfg = cfg.replace(
         camera=dataclasses.replace(cfg.camera, ccd_cols=side, ccd_rows=rows),
         schedule=dataclasses.replace(
-            cfg.schedule, n_bias=frames - 1, leds_per_band=1, n_flat_per_led=1, n_science=0,
+            cfg.schedule, n_bias=simulated, leds_per_band=1, n_flat_per_led=1, n_science=0,
             n_dark=0,
         ),
     )  # fmt: skip
     raw = os.path.join(work, "sim", "raw")
+    store = os.path.join(work, f"photocal-{int(time.time())}.zarr")
     try:
         if not os.path.isdir(raw):
             t0 = time.perf_counter()
             sim = simulate_survey(work + "/sim", cfg, jobs=workers)
             print(f"simulated {sim.n_files} frames in {time.perf_counter() - t0:.0f} s")
-        store = os.path.join(work, f"photocal-{int(time.time())}.zarr")
+            if simulated < frames - 1:
+                _replicate_biases(raw, frames - 1)
         config = MastersConfig()
         with measured_cluster(workers) as mc:
 
@@ -154,8 +179,10 @@ def focal_plane(workers: int, workdir: str | None, frames: int, ccds: int, keep:
         print(f"worker peak memory {peak:.2f} GB (budget {config.memory_budget_gb:.1f} GB, "
               f"limit {config.memory_budget_gb + 0.5:.1f} GB)")  # fmt: skip
     finally:
-        if not keep:
-            shutil.rmtree(work if not workdir else os.path.join(work, "sim"), ignore_errors=True)
+        if not keep and not workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        elif not keep:  # a kept --workdir keeps its simulated frames for the next run
+            shutil.rmtree(store, ignore_errors=True)
 
 
 def main() -> None:
@@ -173,11 +200,17 @@ def main() -> None:
     p.add_argument("--ccds", type=int, default=16, help="CCDs (4 quadrants each) simulated")
     p.add_argument("--keep", action="store_true", help="keep the simulated frames")
     p.add_argument("--skip-quadrant", action="store_true", help="only the focal-plane mode")
+    p.add_argument(
+        "--replicate", type=int, default=0,
+        help="simulate only this many biases and copy them up to --fp-frames (0: simulate all)",
+    )  # fmt: skip
     args = p.parse_args()
     if not args.skip_quadrant:
         single_quadrant(args.frames, args.ny, args.nx, args.repeat)
     if args.focal_plane:
-        focal_plane(args.workers, args.workdir, args.fp_frames, args.ccds, args.keep)
+        focal_plane(
+            args.workers, args.workdir, args.fp_frames, args.ccds, args.keep, args.replicate
+        )
 
 
 if __name__ == "__main__":
