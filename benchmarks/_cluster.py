@@ -1,7 +1,8 @@
 """A measured local Dask cluster for the stage benchmarks: the flow runs on it
 through Prefect's Dask task runner, and each worker's peak memory (``ru_maxrss``)
-and CPU seconds are read back after each stage (workers are restarted between
-stages, so each stage's peak is its own)."""
+and CPU seconds are read back before and after each stage. Workers are not
+restarted between stages (on a loaded machine a restart did not come back within
+15 minutes): a stage's CPU is the difference, its peak the workers' peak so far."""
 
 from __future__ import annotations
 
@@ -36,25 +37,24 @@ class MeasuredCluster:
     stages: list[StageMeasure]
 
     def stage(self, name: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (a flow call) on fresh workers and record its measures."""
-        # A loaded machine needs minutes to start a worker with Prefect imported.
-        self.client.restart(timeout=900, wait_for_workers=True)
+        """Run ``fn`` (a flow call) and record its measures."""
+        before = self.client.run(_worker_usage)
         t0 = time.perf_counter()
         out = fn()
         wall = time.perf_counter() - t0
-        usage = self.client.run(_worker_usage)
+        after = self.client.run(_worker_usage)
         self.stages.append(
             StageMeasure(
                 name,
                 wall,
-                [u[0] / 1e9 for u in usage.values()],
-                [u[1] for u in usage.values()],
+                [u[0] / 1e9 for u in after.values()],
+                [after[w][1] - before.get(w, (0.0, 0.0))[1] for w in after],
             )
         )
         return out
 
     def table(self) -> str:
-        head = f"{'stage':<22}{'wall s':>9}{'worker CPU s':>14}{'worker peak GB':>16}"
+        head = f"{'stage':<22}{'wall s':>9}{'worker CPU s':>14}{'peak so far GB':>16}"
         rows = [
             f"{s.name:<22}{s.wall_s:>9.1f}{sum(s.worker_cpu_s):>14.1f}"
             f"{max(s.worker_peak_gb):>16.2f}"

@@ -10,8 +10,8 @@ on ``--ccds`` CCDs of 4 quadrants (16: the whole 64-quadrant focal plane) is
 simulated into ``--workdir`` (reused when it is there; deleted at the end
 unless ``--keep``: a ZTF exposure is 1.2 GB of FITS and the masters 20 GB of
 store). The stages run through ``photocal_run`` on a local Dask cluster of
-``--workers`` single-threaded workers, restarted between stages so that each
-stage's peak memory is its own. The projection divides the measured science
+``--workers`` single-threaded workers (per stage: wall, the workers' CPU, their
+peak memory so far). The projection divides the measured science
 quadrants per worker-CPU-second into 700 x 64 quadrants for each K in
 ``--project-workers`` (the masters of a period are built once, not nightly).
 """
