@@ -12,19 +12,27 @@ Seed 003's three rules, as this module applies them:
    distortion. ``apply_pixel_area=False`` skips the multiplication, for
    comparison only.
 
-Mask bits (``uint8``, :data:`MASK_BITS`): 1 hot, 2 dead (both from the master
-flat's defect map), 4 saturated (raw >= ``SATURATE``, grown by one pixel), 8
+Mask bits (``uint8``, :data:`calib.bits.MASK_BITS`): 1 hot, 2 dead (both from the
+master flat's defect map), 4 saturated (raw >= ``SATURATE``, grown by one pixel), 8
 cosmic ray, 16 unusable flat (non-finite or below ``min_flat``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import numpy as np
 from scipy import ndimage
 
+from calib.bits import (
+    MASK_BAD_FLAT,
+    MASK_BITS,
+    MASK_COSMIC,
+    MASK_DEAD,
+    MASK_DEFECTS,
+    MASK_HOT,
+    MASK_SATURATED,
+)
 from calib.overscan import OverscanMethod, subtract_overscan
 
 __all__ = [
@@ -39,13 +47,6 @@ __all__ = [
     "reduce_quadrant",
     "to_fluence",
 ]
-
-MASK_HOT = np.uint8(1)
-MASK_DEAD = np.uint8(2)
-MASK_SATURATED = np.uint8(4)
-MASK_COSMIC = np.uint8(8)
-MASK_BAD_FLAT = np.uint8(16)
-MASK_BITS = MappingProxyType({"hot": 1, "dead": 2, "saturated": 4, "cosmic_ray": 8, "bad_flat": 16})
 
 _LAPLACIAN = np.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], dtype=np.float32)
 
@@ -178,7 +179,7 @@ def reduce_quadrant(
 
     mask = np.zeros(shape, dtype=np.uint8)
     if defects is not None:
-        mask |= np.asarray(defects, dtype=np.uint8) & (MASK_HOT | MASK_DEAD)
+        mask |= np.asarray(defects, dtype=np.uint8) & MASK_DEFECTS
     mask[~good_flat] |= MASK_BAD_FLAT
     saturated = ndimage.binary_dilation(data_adu >= saturate_adu, np.ones((3, 3), bool))
     mask[saturated] |= MASK_SATURATED

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.stats import sigma_clip
 
+from calib.bits import FLAG_CROWDED
+
 __all__ = [
     "ColourTerm",
     "ZeroPoints",
     "classical_zeropoints",
     "fit_colour_term",
     "median_variance_factor",
+    "zeropoint_stars",
 ]
 
 _MEDIAN_VARIANCE_SAMPLES = 40_000
@@ -162,12 +165,19 @@ def fit_colour_term(
         slope = float(np.sum(wk * c_c * d_c) / sxx)
         resid = (d_c - slope * c_c) * np.sqrt(w)
         n = int(keep.sum())
-        n_groups = int(np.count_nonzero(np.bincount(g, weights=keep.astype(float))))
+        per_group = np.bincount(g, weights=keep.astype(float))
+        n_groups = int(np.count_nonzero(per_group))
         dof = max(n - n_groups - 1, 1)
         chi2 = float(np.sum(resid[keep] ** 2) / dof)
         err = float(np.sqrt(chi2 / sxx))
-        sigma = 1.4826 * float(np.median(np.abs(resid[keep])))
-        new = np.abs(resid) <= clip_sigma * max(sigma, 1e-12)
+        # A star alone in its group is its group's mean: its residual is zero but
+        # for rounding, says nothing about the slope or the scatter, and must not
+        # set the clipping scale (with mostly single-star groups, rounding noise did).
+        paired = per_group[g] >= 2
+        if not (keep & paired).any():
+            break
+        sigma = 1.4826 * float(np.median(np.abs(resid[keep & paired])))
+        new = (np.abs(resid) <= clip_sigma * max(sigma, 1e-12)) | (keep & ~paired)
         if np.array_equal(new, keep):
             break
         keep = new
@@ -201,6 +211,39 @@ def _star_variance(
         stated.append(var[kept])
     extra = max(0.0, float(np.mean(np.concatenate(resid2)) - np.mean(np.concatenate(stated))))
     return var + extra
+
+
+def zeropoint_stars(
+    flags: np.ndarray,
+    contamination: np.ndarray,
+    mag_inst_err: np.ndarray,
+    *,
+    max_contamination: float = 0.01,
+    max_mag_err: float = 0.05,
+) -> np.ndarray:
+    """Measurements a classical zero point may use: no flag but possibly
+    ``crowded`` (their estimated contamination below ``max_contamination``: their
+    own error is larger), and ``mag_inst_err`` below ``max_mag_err``.
+
+    Parameters
+    ----------
+    flags : ndarray, shape (n,), int
+        :data:`calib.bits.FLAG_BITS`.
+    contamination : ndarray, shape (n,)
+        Estimated fraction of the aperture flux from neighbours.
+    mag_inst_err : ndarray, shape (n,), mag
+    max_contamination, max_mag_err : float
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    flags = np.asarray(flags)
+    return (
+        ((flags & ~FLAG_CROWDED) == 0)
+        & (np.asarray(contamination) < max_contamination)
+        & (np.asarray(mag_inst_err) < max_mag_err)
+    )
 
 
 def classical_zeropoints(

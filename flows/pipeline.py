@@ -23,29 +23,10 @@ from tasks.inputs import (
     raise_for_missing,
     unbuilt_masters,
 )
-from tasks.masters import (
-    MastersConfig,
-    begin_master_task,
-    build_bias_task,
-    build_flat_task,
-    commit_bias_task,
-    commit_flat_task,
-    flat_levels_task,
-    has_master,
-    period_label,
-    plan_masters_task,
-    quadrant_chunks,
-    reference_period,
-)
-from tasks.reduce import (
-    PhotometryConfig,
-    ReduceConfig,
-    check_refcat_task,
-    photometer_chunk_task,
-    plan_reduce_task,
-    write_night_task,
-)
+from tasks.masters import MastersConfig, has_master, period_label
+from tasks.reduce import PhotometryConfig, ReduceConfig, check_refcat_task
 from tasks.reports import night_report_task
+from tasks.stages import PrefectRun, masters_stage, photometry_stage
 from tasks.transients import (
     TransientsConfig,
     score_pair_task,
@@ -162,22 +143,28 @@ def photocal_run(
     if "masters" in stages:
         usable = _usable_nights(store, "masters", nights, summary)
         if usable:
-            summary["masters"] = _masters_stage(
-                store, usable, masters, overwrite, summary["skipped"]
+            summary["masters"] = masters_stage(
+                PrefectRun(),
+                store,
+                usable,
+                masters,
+                overwrite=overwrite,
+                skipped=summary["skipped"],
             )
             built = [*summary["masters"], *summary["skipped"]]
             summary["missing"] += unbuilt_masters(usable, lambda n: period_label(n, masters), built)
     if "reduce" in stages or "photometry" in stages:
         if refcat is None:
             raise ValueError("the photometry stage needs the reference catalog (--refcat)")
-        summary["photometry"] = _photometry_stage(
+        summary["photometry"] = photometry_stage(
+            PrefectRun(),
             store,
             _usable_nights(store, "photometry", nights, summary),
             refcat,
             reduce or cfg["reduce"],
             photometry or cfg["photometry"],
-            overwrite,
-            summary["skipped"],
+            overwrite=overwrite,
+            skipped=summary["skipped"],
         )
     if "ubercal" in stages:
         if refcat is None:
@@ -238,85 +225,6 @@ def _zp_stage(
             scored = score_zp_task.map(unmapped(store), with_photometry, unmapped(checkpoint))
             out["score"] = dict(zip(with_photometry, scored.result(), strict=True))
     out["gpu_workers"] = gpus
-    return out
-
-
-def _masters_stage(
-    store: str, nights: list[str] | None, config: MastersConfig, overwrite: bool, skipped: list[str]
-) -> dict[str, Any]:
-    """Master bias, then master flats (which use it), period by period; complete
-    groups are kept unless ``overwrite``."""
-    out: dict[str, Any] = {}
-    plans = plan_masters_task(store, nights, config)
-    reference = reference_period(store, plans, config)
-    for plan in plans:
-        chunks = quadrant_chunks(plan, config)
-        group = f"masters/bias/{plan.period}"
-        ref = None if reference == plan.period else reference
-        if overwrite or not has_master(store, group):
-            staging = begin_master_task(store, group, plan, None)
-            stats = build_bias_task.map(
-                unmapped(store),
-                unmapped(plan),
-                chunks,
-                unmapped(staging),
-                unmapped(ref),
-                unmapped(config),
-            )
-            out[group] = commit_bias_task(store, plan, staging, stats, ref, config)
-        else:
-            skipped.append(group)
-        for band in plan.flats:
-            group = f"masters/flat/{band}/{plan.period}"
-            if not overwrite and has_master(store, group):
-                skipped.append(group)
-                continue
-            levels = flat_levels_task.map(
-                unmapped(store), unmapped(plan), unmapped(band), chunks, unmapped(config)
-            )
-            staging = begin_master_task(store, group, plan, band)
-            sums = build_flat_task.map(
-                unmapped(store),
-                unmapped(plan),
-                unmapped(band),
-                chunks,
-                unmapped(staging),
-                unmapped(levels),
-                unmapped(config),
-            )
-            out[group] = commit_flat_task(store, plan, band, staging, sums, config)
-    return out
-
-
-def _photometry_stage(
-    store: str,
-    nights: list[str] | None,
-    refcat: str,
-    reduce: ReduceConfig,
-    photometry: PhotometryConfig,
-    overwrite: bool,
-    skipped: list[str],
-) -> dict[str, Any]:
-    """Reduce and photometer each night's science exposures, chunk by chunk."""
-    out: dict[str, Any] = {}
-    for night in indexed_nights_task(store, nights):
-        group = f"nights/{night}/catalog"
-        if not overwrite and has_master(store, group):
-            skipped.append(group)
-            continue
-        raw_root, chunks = plan_reduce_task(store, night, reduce)
-        if not chunks:
-            continue
-        parts = photometer_chunk_task.map(
-            unmapped(store),
-            unmapped(raw_root),
-            chunks,
-            unmapped(refcat),
-            unmapped(night),
-            unmapped(reduce),
-            unmapped(photometry),
-        )
-        out[night] = write_night_task(store, night, parts, refcat, reduce, photometry)
     return out
 
 

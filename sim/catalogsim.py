@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calib.bits import FLAG_SATURATED
 from calib.ubercal import ReferenceStars
 from sim._random import rng_for
 from sim.camera import Camera
@@ -49,7 +50,6 @@ from sim.schedule import (
 
 __all__ = ["CatalogSurvey", "CatalogSurveyConfig", "simulate_catalog_survey"]
 
-FLAG_SATURATED = 1
 _MAG_PER_LN = 2.5 / math.log(10.0)
 
 

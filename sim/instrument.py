@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from calib.bits import MASK_DEAD, MASK_HOT
 from sim._random import rng_for
 from sim.camera import Camera
 from sim.config import SurveyConfig
-
-HOT = np.uint8(1)
-DEAD = np.uint8(2)
 
 _STARFLAT_BAND_SCALE = {"g": 1.2, "r": 1.0, "i": 0.85}
 _BIAS_DRIFT_ADU_PER_NIGHT = 0.02
@@ -81,10 +79,10 @@ class Instrument:
         frac = self.config.camera.defect_fraction
         hot = rng.choice(n, size=rng.poisson(frac * n), replace=False)
         dead = rng.choice(n, size=rng.poisson(frac * n), replace=False)
-        mask.flat[hot] |= HOT
-        mask.flat[dead] |= DEAD
+        mask.flat[hot] |= MASK_HOT
+        mask.flat[dead] |= MASK_DEAD
         if rng.uniform() < self.config.camera.bad_column_probability:
-            mask[:, rng.integers(g.nx)] |= HOT
+            mask[:, rng.integers(g.nx)] |= MASK_HOT
         return mask
 
     def hot_offsets_adu(self, quadrant: int) -> np.ndarray:
@@ -93,7 +91,7 @@ class Instrument:
         mask = self.defects(quadrant)
         rng = rng_for(self.seed, "hot-offsets", quadrant)
         offsets = np.zeros((g.ny, g.nx))
-        hot = (mask & HOT) != 0
+        hot = (mask & MASK_HOT) != 0
         offsets[hot] = rng.uniform(30.0, 2000.0, size=int(hot.sum()))
         return offsets
 
@@ -131,7 +129,7 @@ class Instrument:
             kx, ky = rng.uniform(0.5, 3.0, size=2)
             px, py = rng.uniform(0.0, 2 * np.pi, size=2)
             qe += 0.003 * np.cos(2 * np.pi * kx * x + px) * np.cos(2 * np.pi * ky * y + py)
-        dead = (self.defects(quadrant) & DEAD) != 0
+        dead = (self.defects(quadrant) & MASK_DEAD) != 0
         qe[dead] *= rng.uniform(0.0, 0.5, size=int(dead.sum()))
         return qe
 

@@ -17,23 +17,29 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 import xarray as xr
-from prefect import get_run_logger, task
+from prefect import task
 from pydantic import Field
 
+from calib.bits import MASK_HOT
+from calib.flats import (
+    RATIO_EDGES,
+    LedStack,
+    build_flat_quadrant,
+    focal_plane_normalisation,
+    frame_level,
+)
 from calib.masters import (
     MasterFrame,
-    combine_frames,
+    combine_bands,
     compare_bias,
-    find_dead_pixels,
     find_hot_pixels,
-    flat_ratio_stats,
-    flat_residual_sigma,
+    rows_per_band,
 )
-from calib.overscan import subtract_overscan
+from calib.overscan import overscan_level
 from tasks.config import StageConfig
 from tasks.index import UNKNOWN_NIGHT
 from tasks.io.provenance import provenance
-from tasks.io.raw import read_quadrants, validate_file
+from tasks.io.raw import QuadrantHeader, read_overscan, read_rows, validate_file
 from tasks.io.store import (
     begin_group,
     commit_group,
@@ -44,9 +50,8 @@ from tasks.io.store import (
     staging_committed,
     write_region,
 )
+from tasks.logs import run_logger
 from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_dir
-
-HOT, DEAD = np.uint8(1), np.uint8(2)
 
 
 class MastersConfig(StageConfig, table="masters"):
@@ -100,6 +105,13 @@ class MastersConfig(StageConfig, table="masters"):
     )
     quadrants_per_task: int = Field(
         4, ge=1, le=64, description="Quadrants handled by one Prefect task."
+    )
+    memory_budget_gb: float = Field(
+        2.0,
+        gt=0,
+        description="Peak memory one masters task aims at, GB: stacks are read from the "
+        "FITS files in row bands sized so that a band, one quadrant's full-size outputs "
+        "and the interpreter fit, whatever the number of frames (docs/masters.md).",
     )
 
 
@@ -194,19 +206,79 @@ def _chunks(plan: PeriodPlan, config: MastersConfig) -> list[tuple[int, ...]]:
     return [q[i : i + k] for i in range(0, len(q), k)]
 
 
-def _reduced_stack(
-    paths: list[str], quadrant: int, config: MastersConfig
-) -> tuple[np.ndarray, list]:
-    frames = [read_quadrants(p, quadrants=[quadrant])[0] for p in paths]
-    stack = np.stack(
-        [subtract_overscan(f.data, f.overscan, method=config.overscan) for f in frames]
-    )
-    return stack, frames
+# What a task holds besides the stack's row bands: the interpreter with its
+# libraries, and per pixel of the quadrant the full-size outputs and their
+# temporaries (bias: master 14 B, reference 15 B, delta and stability ~40 B;
+# flats: per LED master 14 B + scatter 4 B, per night a ratio map 4 B, ~48 B more
+# for the combination across LEDs). Measured: benchmarks/masters.py --focal-plane.
+_BASELINE_BYTES = 400 * 2**20
+_BIAS_BYTES_PER_PIXEL = 72
 
 
-def _combine(stack: np.ndarray, config: MastersConfig) -> MasterFrame:
-    return combine_frames(
-        stack,
+def _flat_bytes_per_pixel(n_leds: int, n_nights: int) -> int:
+    return 18 * n_leds + 4 * n_nights + 48
+
+
+class _FrameStack:
+    """One quadrant of some frames, read in row bands straight from the files and
+    overscan-subtracted (:func:`calib.overscan.subtract_overscan`'s values)."""
+
+    def __init__(
+        self, paths: list[str], quadrant: int, config: MastersConfig, headers: _Headers
+    ) -> None:
+        self.paths = paths
+        self.quads = [headers.quadrant(p, quadrant) for p in paths]
+        # A frame's level may need every overscan row (method "median"): read the
+        # overscan columns of every frame first (a few % of the pixels).
+        self.levels = [
+            overscan_level(read_overscan(p, q), method=config.overscan)
+            for p, q in zip(paths, self.quads, strict=True)
+        ]
+        ys, xs = self.quads[0].datasec
+        self.shape = (ys.stop - ys.start, xs.stop - xs.start)
+        self.gain = self.quads[0].gain
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, r0: int, r1: int) -> np.ndarray:
+        out = np.empty((len(self), r1 - r0, self.shape[1]), np.float32)
+        for k, (path, quad, level) in enumerate(
+            zip(self.paths, self.quads, self.levels, strict=True)
+        ):
+            data, _ = read_rows(path, quad, slice(r0, r1))
+            out[k] = data - level[r0:r1]
+        return out
+
+    def rows_per_band(self, config: MastersConfig, *, bytes_per_pixel: int) -> int:
+        npix = self.shape[0] * self.shape[1]
+        return rows_per_band(
+            len(self), self.shape[1], memory_bytes=config.memory_budget_gb * 1e9,
+            reserved_bytes=_BASELINE_BYTES + bytes_per_pixel * npix,
+        )  # fmt: skip
+
+
+class _Headers:
+    """Each raw file validated once per task (reading a quadrant needs its header)."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, dict[int, QuadrantHeader]] = {}
+
+    def quadrant(self, path: str, quadrant: int) -> QuadrantHeader:
+        if path not in self._by_path:
+            self._by_path[path] = {q.quadrant: q for q in validate_file(path).quadrants}
+        try:
+            return self._by_path[path][quadrant]
+        except KeyError:
+            raise ValueError(f"{path}: no quadrant {quadrant}") from None
+
+
+def _combine(stack: _FrameStack, config: MastersConfig) -> MasterFrame:
+    return combine_bands(
+        stack.read,
+        len(stack),
+        stack.shape,
+        rows_per_band=stack.rows_per_band(config, bytes_per_pixel=_BIAS_BYTES_PER_PIXEL),
         mode=config.mode,
         low_sigma=config.low_sigma,
         high_sigma=config.high_sigma,
@@ -256,8 +328,9 @@ def build_bias_quadrants(
         return _committed_bias_stats(store, plan, quadrants)
     out = {}
     ref = read_group(store, f"masters/bias/{reference}", load=False) if reference else None
+    headers = _Headers()
     for q in quadrants:
-        stack, _ = _reduced_stack(list(plan.bias), q, config)
+        stack = _FrameStack(list(plan.bias), q, config, headers)
         m = _combine(stack, config)
         hot = find_hot_pixels(m.center, nsigma=config.hot_nsigma, min_excess_adu=config.hot_min_adu)
         stats: dict[str, Any] = {"n_hot": int(hot.sum()), "nframes": len(stack)}
@@ -293,7 +366,7 @@ def build_bias_quadrants(
                 "sigma": (dims, one(m.sigma)),
                 "uncertainty": (dims, one(m.uncertainty)),
                 "nframes": (dims, one(m.nframes)),
-                "defects": (dims, one(hot.astype(np.uint8) * HOT)),
+                "defects": (dims, one(hot.astype(np.uint8) * MASK_HOT)),
                 "delta_ref": (dims, one(delta)),
                 "mean_delta_adu": (("quadrant",), [stats.get("mean_delta_adu", np.nan)]),
                 "rms_delta_adu": (("quadrant",), [stats.get("rms_delta_adu", np.nan)]),
@@ -425,15 +498,17 @@ def flat_levels(
     the focal-plane normalisation)."""
     bias = read_group(store, f"masters/bias/{plan.period}", load=False)
     out: dict[str, dict[int, float]] = defaultdict(dict)
+    headers = _Headers()
     for q in quadrants:
         b = bias.bias.sel(quadrant=q).values
         for frames in plan.flats[band].values():
             for path, _ in frames:
-                fr = read_quadrants(path, quadrants=[q])[0]
-                e = (
-                    subtract_overscan(fr.data, fr.overscan, method=config.overscan) - b
-                ) * fr.header.gain
-                out[path][q] = float(np.nanmedian(e))
+                # One frame's quadrant at a time: memory is one image whatever the count.
+                quad = headers.quadrant(path, q)
+                data, overscan = read_rows(path, quad)
+                level = overscan_level(overscan, method=config.overscan)
+                e = ((data - level).astype(np.float32) - b) * quad.gain
+                out[path][q] = frame_level(e)
     return dict(out)
 
 
@@ -446,11 +521,6 @@ def frame_levels(parts: list[dict[str, dict[int, float]]]) -> dict[str, float]:
         for path, per_q in part.items():
             merged[path].update(per_q)
     return {path: float(np.mean(list(per_q.values()))) for path, per_q in merged.items()}
-
-
-# Bins of the daily / master flat ratio histograms (0.05 % wide; values beyond
-# +-3 %, tens of photon-noise sigmas at dome-flat levels, land in the end bins).
-RATIO_EDGES = np.linspace(0.97, 1.03, 121)
 
 
 def flat_template(plan: PeriodPlan, band: str) -> xr.Dataset:
@@ -505,78 +575,59 @@ def build_flat_quadrants(
     bias = read_group(store, f"masters/bias/{plan.period}", load=False)
     leds = sorted(plan.flats[band])
     nights = list(plan.nights)
+    headers = _Headers()
     out = {}
     for q in quadrants:
         b = bias.sel(quadrant=q)
-        b_img, hot = b.bias.values, (b.defects.values & HOT) != 0
-        led_masters, resid_maps = [], []
-        ratio = np.full((3, len(leds), len(nights)), np.nan)
-        ratio_hist = np.zeros((len(leds), len(nights), len(RATIO_EDGES) - 1), dtype=np.int64)
-        resid_median = np.full(len(leds), np.nan)
-        for j, led in enumerate(leds):
-            paths = [p for p, _ in plan.flats[band][led]]
-            stack, frames = _reduced_stack(paths, q, config)
-            gain = frames[0].header.gain
-            norm = np.stack(
-                [(s - b_img) * gain / levels[p] for s, p in zip(stack, paths, strict=True)]
-            )
-            m = _combine(norm, config)
-            led_masters.append(m)
-            if len(norm) > 1:  # a scatter needs at least two frames of the LED
-                sigma_i = flat_residual_sigma(norm)
-                resid_maps.append(sigma_i)
-                resid_median[j] = float(np.nanmedian(sigma_i[~hot]))
-            by_night: dict[str, list[int]] = defaultdict(list)
-            for k, (_, night) in enumerate(plan.flats[band][led]):
-                by_night[night].append(k)
-            for night, ks in by_night.items():
-                daily = norm[ks].mean(axis=0)
-                # Photon noise from the measured electrons: a per-pixel std of a
-                # handful of frames is far too noisy to judge 5-sigma outliers by.
-                level_e = np.mean([levels[paths[k]] for k in ks])
-                frame_noise = 1.0 / np.sqrt(np.clip(level_e * m.center, 1.0, None))
-                expected = frame_noise * np.sqrt(1.0 / len(ks) + 1.0 / len(norm))
-                pixel_ratio, st = flat_ratio_stats(
-                    daily,
-                    m.center,
-                    expected_sigma=np.where(expected > 0, expected, np.inf),
-                    good=~hot,
+        b_img, hot = b.bias.values, (b.defects.values & MASK_HOT) != 0
+        stacks, led_stacks = [], []
+        for led in leds:
+            frames = plan.flats[band][led]
+            stack = _FrameStack([p for p, _ in frames], q, config, headers)
+            stacks.append(stack)
+            led_stacks.append(
+                LedStack(
+                    read=stack.read,
+                    levels_e=np.array([levels[p] for p, _ in frames]),
+                    nights=np.array([nights.index(n) for _, n in frames]),
                 )
-                n = nights.index(night)
-                ratio[:, j, n] = (st.median, st.robust_rms, st.outlier_fraction)
-                r = pixel_ratio[~hot & np.isfinite(pixel_ratio)]
-                ratio_hist[j, n] = np.histogram(
-                    np.clip(r, RATIO_EDGES[0], RATIO_EDGES[-1]), bins=RATIO_EDGES
-                )[0]
-        center = np.nanmean([m.center for m in led_masters], axis=0)
-        unc = np.sqrt(np.nansum([m.uncertainty**2 for m in led_masters], axis=0)) / len(led_masters)
-        nfr = np.sum([m.nframes for m in led_masters], axis=0).astype(np.int16)
-        level = np.nanmedian(center[~hot])
-        dead = find_dead_pixels(center / level, min_response=config.dead_min_response)
-        defects = (hot.astype(np.uint8) * HOT) | (dead.astype(np.uint8) * DEAD)
-        good = (defects == 0) & np.isfinite(center)
+            )
+        per_pixel = _flat_bytes_per_pixel(len(leds), len(nights))
+        fq = build_flat_quadrant(
+            led_stacks,
+            bias_adu=b_img,
+            hot=hot,
+            gain=stacks[0].gain,
+            n_nights=len(nights),
+            rows_per_band=min(s.rows_per_band(config, bytes_per_pixel=per_pixel) for s in stacks),
+            mode=config.mode,
+            low_sigma=config.low_sigma,
+            high_sigma=config.high_sigma,
+            iterations=config.iterations,
+            dead_min_response=config.dead_min_response,
+        )
         i = plan.quadrants.index(q)
         dims = ("quadrant", "y", "x")
-        resid = (
-            np.mean(resid_maps, axis=0) if resid_maps else np.full(center.shape, np.nan, np.float32)
-        )
         piece = xr.Dataset(
             {
-                "flat": (dims, center[None].astype(np.float32)),
-                "uncertainty": (dims, unc[None].astype(np.float32)),
-                "nframes": (dims, nfr[None]),
-                "defects": (dims, defects[None]),
-                "residual_sigma": (dims, resid[None].astype(np.float32)),
-                "ratio_median": (("quadrant", "led", "night"), ratio[0][None]),
-                "ratio_rms": (("quadrant", "led", "night"), ratio[1][None]),
-                "ratio_outlier_fraction": (("quadrant", "led", "night"), ratio[2][None]),
-                "ratio_hist": (("quadrant", "led", "night", "ratio_bin"), ratio_hist[None]),
-                "residual_sigma_median": (("quadrant", "led"), resid_median[None]),
-                "n_dead": (("quadrant",), [int(dead.sum())]),
+                "flat": (dims, fq.flat[None]),
+                "uncertainty": (dims, fq.uncertainty[None]),
+                "nframes": (dims, fq.nframes[None]),
+                "defects": (dims, fq.defects[None]),
+                "residual_sigma": (dims, fq.residual_sigma[None]),
+                "ratio_median": (("quadrant", "led", "night"), fq.ratio_median[None]),
+                "ratio_rms": (("quadrant", "led", "night"), fq.ratio_rms[None]),
+                "ratio_outlier_fraction": (
+                    ("quadrant", "led", "night"),
+                    fq.ratio_outlier_fraction[None],
+                ),
+                "ratio_hist": (("quadrant", "led", "night", "ratio_bin"), fq.ratio_hist[None]),
+                "residual_sigma_median": (("quadrant", "led"), fq.residual_sigma_median[None]),
+                "n_dead": (("quadrant",), [fq.n_dead]),
             }
         )
         write_region(staging, piece, {"quadrant": slice(i, i + 1)})
-        out[q] = (float(center[good].sum(dtype=np.float64)), int(good.sum()))
+        out[q] = (fq.good_sum, fq.good_count)
     return out
 
 
@@ -590,9 +641,7 @@ def commit_flat(
 ) -> dict[str, Any]:
     """Normalise to mean 1 over the good pixels of the focal plane, plot, publish."""
     group = f"masters/flat/{band}/{plan.period}"
-    total = sum(s for part in sums for s, _ in part.values())
-    count = sum(c for part in sums for _, c in part.values())
-    norm = total / count
+    norm = focal_plane_normalisation(pair for part in sums for pair in part.values())
     ds = open_staging(staging)
     qa = qa_dir(store, group)
     flat_maps, sigma_samples = {}, {}
@@ -689,7 +738,7 @@ def plan_masters_task(
     store: str, nights: list[str] | None, config: MastersConfig
 ) -> list[PeriodPlan]:
     plans = plan_periods(store, nights, config)
-    get_run_logger().info("masters: %d period(s): %s", len(plans), [p.period for p in plans])
+    run_logger(__name__).info("masters: %d period(s): %s", len(plans), [p.period for p in plans])
     return plans
 
 
@@ -710,7 +759,7 @@ def build_bias_task(
 def commit_bias_task(store, plan, staging, stats, reference, config) -> dict[str, Any]:
     merged = {q: s for part in stats for q, s in part.items()}
     summary = commit_bias(store, plan, staging, merged, reference, config)
-    logger = get_run_logger()
+    logger = run_logger(__name__)
     logger.info("master bias %s: %s", plan.period, summary)
     if summary.get("flagged_quadrants"):
         logger.warning(
@@ -737,7 +786,7 @@ def build_flat_task(store, plan, band, quadrants, staging, level_parts, config):
 @task(name="commit-master-flat")
 def commit_flat_task(store, plan, band, staging, sums, config) -> dict[str, Any]:
     summary = commit_flat(store, plan, band, staging, sums, config)
-    get_run_logger().info("master flat %s %s: %s", band, plan.period, summary)
+    run_logger(__name__).info("master flat %s %s: %s", band, plan.period, summary)
     return summary
 
 
@@ -752,22 +801,10 @@ def has_master(store: str, group: str) -> bool:
 def build_masters_sequentially(
     store: str, nights: list[str] | None = None, config: MastersConfig | None = None
 ) -> dict[str, Any]:
-    """The masters stage without Prefect or Dask, all quadrants in one process
-    (benchmarks, debugging); returns the summaries by group."""
-    config = config or MastersConfig()
-    plans = plan_periods(store, nights, config)
-    reference = reference_period(store, plans, config)
-    out: dict[str, Any] = {}
-    for plan in plans:
-        ref = None if reference == plan.period else reference
-        group = f"masters/bias/{plan.period}"
-        staging = begin_group(store, group, bias_template(plan))
-        stats = build_bias_quadrants(store, plan, plan.quadrants, staging, ref, config)
-        out[group] = commit_bias(store, plan, staging, stats, ref, config)
-        for band in plan.flats:
-            group = f"masters/flat/{band}/{plan.period}"
-            levels = frame_levels([flat_levels(store, plan, band, plan.quadrants, config)])
-            staging = begin_group(store, group, flat_template(plan, band))
-            sums = build_flat_quadrants(store, plan, band, plan.quadrants, staging, levels, config)
-            out[group] = commit_flat(store, plan, band, staging, [sums], config)
-    return out
+    """The masters stage without Prefect or Dask, in one process (benchmarks,
+    debugging): the flow's wiring (:func:`tasks.stages.masters_stage`) run
+    sequentially; returns the summaries by group."""
+    # Imported here: tasks.stages wires this module's tasks.
+    from tasks.stages import SequentialRun, masters_stage
+
+    return masters_stage(SequentialRun(), store, nights, config or MastersConfig())

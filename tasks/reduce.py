@@ -15,35 +15,34 @@ unless ``keep_reduced`` is set (a real night is terabytes); then they go to
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 from pydantic import Field
 
+from calib.bits import MASK_BITS
 from calib.photometry import (
     FLAG_BITS,
-    FLAG_CROWDED,
     QuadrantPhotometry,
     apply_aperture_corrections,
     catalog_positions,
     instrumental_magnitudes,
-    match_detections,
     photometer_quadrant,
 )
+from calib.photometry.qa import quadrant_qa
 from calib.pixel_area import PixelAreaCache
-from calib.reduce import MASK_BITS, ReducedQuadrant, reduce_quadrant
-from calib.zeropoint import classical_zeropoints
+from calib.reduce import ReducedQuadrant, reduce_quadrant
+from calib.zeropoint import classical_zeropoints, zeropoint_stars
 from ml.zp_features import centre_crop
 from tasks.config import StageConfig
 from tasks.io.provenance import provenance
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
+from tasks.logs import run_logger
 
 N_QUADRANTS = 64
 
@@ -314,7 +313,9 @@ def photometer_exposure(
             max_centroid_shift_px=pc.max_centroid_shift_px,
         )
         parts.append((q, phot, rows[phot.index]))
-        qa[q] = _quadrant_qa(reduced, phot, x[phot.index], y[phot.index], pc)
+        qa[q] = quadrant_qa(
+            reduced, phot, x[phot.index], y[phot.index], detect=pc.qa_detection
+        ).as_row()
         if rc.keep_reduced:
             kept[q] = _fluence_image(reduced)
         if patch_of is None or q < patch_of[0]:
@@ -367,42 +368,6 @@ def _patch_e_s(reduced: ReducedQuadrant, size: int, exptime_s: float) -> np.ndar
     the product rather than after it."""
     sb, area = (centre_crop(a, size) for a in (reduced.surface_brightness, reduced.pixel_area))
     return (sb * area).astype(np.float32) / exptime_s
-
-
-def _quadrant_qa(
-    reduced: ReducedQuadrant,
-    phot: QuadrantPhotometry,
-    x_wcs: np.ndarray,
-    y_wcs: np.ndarray,
-    pc: PhotometryConfig,
-) -> dict[str, float]:
-    n_cr = int(np.count_nonzero(reduced.mask & MASK_BITS["cosmic_ray"]))
-    out = {
-        "n_stars": float(len(phot.index)),
-        "n_clean": float(np.count_nonzero(phot.flags == 0)),
-        "n_cosmic_px": float(n_cr),
-        "centroid_dx_px": phot.centroid_offset_px[0],
-        "centroid_dy_px": phot.centroid_offset_px[1],
-        "match_rate": float("nan"),
-        "astrometric_rms_px": float("nan"),
-    }
-    if pc.qa_detection and len(phot.index):
-        # Background subtracted on surface brightness, as for the photometry.
-        sb = reduced.surface_brightness - np.float32(phot.background_e)
-        fluence = (sb * reduced.pixel_area).astype(np.float32)
-        noise = float(np.sqrt(np.median(reduced.variance)))
-        qa = match_detections(
-            fluence,
-            x_wcs,
-            y_wcs,
-            # Match rate over the clean stars: blends and saturated stars are
-            # rightly not single detections.
-            np.where(phot.flags == 0, phot.flux_e / phot.flux_err_e, np.nan),
-            fwhm_px=phot.fwhm_px,
-            noise_e=max(noise, 1e-3),
-        )
-        out.update(match_rate=qa.match_rate, astrometric_rms_px=qa.astrometric_rms_px)
-    return out
 
 
 def _catalog_part(
@@ -556,19 +521,20 @@ def _classical(
     exp_row = {int(e): i for i, e in enumerate(expids)}
     q_col = {int(q): j for j, q in enumerate(exposures.quadrant.values)}
     band_of_obs = exposures.band.values[[exp_row[int(e)] for e in catalog.expid.values]]
+    usable = zeropoint_stars(
+        catalog.flags.values,
+        catalog.contamination.values,
+        catalog.mag_inst_err.values,
+        max_contamination=pc.zp_max_contamination,
+        max_mag_err=pc.zp_max_mag_err,
+    )
     for band in np.unique(exposures.band.values):
-        flags = catalog.flags.values
-        sel = (
-            (band_of_obs == band)
-            & ((flags & ~FLAG_CROWDED) == 0)
-            & (catalog.contamination.values < pc.zp_max_contamination)
-            & (catalog.mag_inst_err.values < pc.zp_max_mag_err)
-        )
+        sel = (band_of_obs == band) & usable
         m_ref = getattr(refcat, f"{band}_mag")[pos[sel]]
         colour = refcat.bp_rp[pos[sel]]
         expid, quad = catalog.expid.values[sel], catalog.quadrant.values[sel]
         group = expid * N_QUADRANTS + quad
-        if len(group) < 3:
+        if len(group) < pc.zp_min_stars:
             terms[str(band)] = (float("nan"), float("nan"))
             continue
         res = classical_zeropoints(
@@ -671,30 +637,21 @@ def reduce_night(
     reduce_config: ReduceConfig | None = None,
     photometry_config: PhotometryConfig | None = None,
 ) -> dict[str, int]:
-    """The whole night in this process, without Prefect (tests, debugging)."""
-    rc = reduce_config or ReduceConfig()
-    pc = photometry_config or PhotometryConfig()
-    indexed_root, relpaths = science_files(store, night)
-    root = raw_root or indexed_root
-    results: list[ExposureResult] = []
-    for chunk in chunks(relpaths, rc.exposures_per_task):
-        results += photometer_chunk(
-            store, root, chunk, refcat_path, night, reduce_config=rc, photometry_config=pc
-        )
-    return write_night(
-        store, night, results, refcat_path, reduce_config=rc, photometry_config=pc, inputs=relpaths
-    )
+    """The whole night in this process, without Prefect (tests, debugging): the
+    flow's wiring (:func:`tasks.stages.photometry_stage`) run sequentially."""
+    # Imported here: tasks.stages wires this module's tasks.
+    from tasks.stages import SequentialRun, photometry_stage
+
+    counts = photometry_stage(
+        SequentialRun(), store, [night], refcat_path, reduce_config or ReduceConfig(),
+        photometry_config or PhotometryConfig(), raw_root=raw_root,
+    )  # fmt: skip
+    if night not in counts:
+        raise StoreError(f"{store}: night {night} has no index or no science exposure")
+    return counts[night]
 
 
 # --- Prefect adapters ---------------------------------------------------------------
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    # The task bodies also run outside Prefect (``task.fn`` in tests, debugging).
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 @task(name="check-refcat", retries=0)
@@ -703,7 +660,7 @@ def check_refcat_task(refcat_path: str) -> int:
     the run at once with its one-line reason (every photometry task needs it).
     Returns the number of reference stars."""
     n = len(read_refcat(refcat_path))
-    _logger().info("reference catalog %s: %d stars", refcat_path, n)
+    run_logger(__name__).info("reference catalog %s: %d stars", refcat_path, n)
     return n
 
 
@@ -711,7 +668,7 @@ def check_refcat_task(refcat_path: str) -> int:
 def plan_reduce_task(store: str, night: str, config: ReduceConfig) -> tuple[str, list[list[str]]]:
     """Raw root and the night's science files in chunks of ``exposures_per_task``."""
     root, relpaths = science_files(store, night)
-    _logger().info("night %s: %d science exposures", night, len(relpaths))
+    run_logger(__name__).info("night %s: %d science exposures", night, len(relpaths))
     return root, chunks(relpaths, config.exposures_per_task)
 
 
@@ -757,5 +714,5 @@ def write_night_task(
         photometry_config=photometry_config,
         inputs=[r.path for r in results],
     )
-    _logger().info("night %s: %s", night, counts)
+    run_logger(__name__).info("night %s: %s", night, counts)
     return counts

@@ -13,6 +13,7 @@ naming the file, the HDU and the keyword.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import os
@@ -42,8 +43,10 @@ __all__ = [
     "RawFileError",
     "RefCatalog",
     "parse_section",
+    "read_overscan",
     "read_quadrants",
     "read_refcat",
+    "read_rows",
     "validate_file",
 ]
 
@@ -248,6 +251,10 @@ class QuadrantHeader:
         ``(ny, nx_total)`` of the full HDU array.
     has_wcs : bool
         Whether the header carries a TAN celestial WCS (``CTYPE1 = 'RA---TAN...'``).
+    bitpix : int
+        ``BITPIX`` (16 with BZERO 32768, or a float type).
+    data_offset : int
+        Byte offset of the HDU's pixels in the file (:func:`read_rows`).
     """
 
     hdu_index: int
@@ -263,6 +270,8 @@ class QuadrantHeader:
     detsec: Section
     shape: tuple[int, int]
     has_wcs: bool
+    bitpix: int = 16
+    data_offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -411,6 +420,89 @@ def read_quadrants(
         return [_read_frame(hdul[q.hdu_index], q, science=science) for q in selected]
 
 
+_PIXEL_TYPES = {16: ">i2", -32: ">f4", -64: ">f8"}
+
+
+def read_rows(
+    path: PathLike, quadrant: QuadrantHeader, rows: slice | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Some rows of a validated quadrant's data and overscan sections, read with one
+    positioned read of those rows only: what the masters stage streams its stacks
+    with (a whole HDU is never loaded, and nothing is memory-mapped).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file :func:`validate_file` returned ``quadrant`` for.
+    quadrant : QuadrantHeader
+    rows : slice, optional
+        Rows of the data section (0-based, step 1); all by default.
+
+    Returns
+    -------
+    data : ndarray, shape (n_rows, nx), float32, ADU
+    overscan : ndarray, shape (n_rows, n_overscan), float32, ADU
+        The same values as :func:`read_quadrants` gives for those rows.
+
+    Raises
+    ------
+    RawFileError
+        If the file is shorter than its header says (it changed since validation).
+    """
+    path = os.fspath(path)
+    data_rows, data_cols = quadrant.datasec
+    ny = data_rows.stop - data_rows.start
+    r0, r1, step = (rows or slice(None)).indices(ny)
+    if step != 1:
+        raise ValueError(f"rows must be a contiguous slice, got step {step}")
+    if quadrant.data_offset < 0:
+        raise ValueError(f"{path}: quadrant {quadrant.extname} has no data offset (not validated)")
+    dtype = np.dtype(_PIXEL_TYPES[quadrant.bitpix])
+    width = quadrant.shape[1]
+    start = quadrant.data_offset + (data_rows.start + r0) * width * dtype.itemsize
+    size = max(r1 - r0, 0) * width * dtype.itemsize
+    with open(path, "rb") as stream:
+        buffer = os.pread(stream.fileno(), size, start)
+    if len(buffer) != size:
+        raise RawFileError(
+            path,
+            f"HDU {quadrant.hdu_index} ({quadrant.extname}): file is truncated "
+            f"(rows {r0}..{r1} need bytes up to {start + size})",
+        )
+    pixels = np.frombuffer(buffer, dtype=dtype).reshape(r1 - r0, width)
+    if quadrant.bitpix == 16:
+        # BZERO 32768: the stored signed value plus 32768 is the unsigned pixel.
+        pixels = pixels.astype(np.float32) + np.float32(32768.0)
+    else:
+        pixels = pixels.astype(np.float32)
+    return (
+        np.ascontiguousarray(pixels[:, data_cols]),
+        np.ascontiguousarray(pixels[:, quadrant.biassec[1]]),
+    )
+
+
+def read_overscan(path: PathLike, quadrant: QuadrantHeader) -> np.ndarray:
+    """A validated quadrant's whole overscan section (BIASSEC), float32 ADU, the
+    values :func:`read_quadrants` gives: only its columns are copied out of a
+    read-only map of the file (a frame's overscan level needs every row before
+    any band of its data can be corrected)."""
+    path = os.fspath(path)
+    if quadrant.data_offset < 0:
+        raise ValueError(f"{path}: quadrant {quadrant.extname} has no data offset (not validated)")
+    rows, cols = quadrant.biassec
+    pixels = np.memmap(
+        path, dtype=_PIXEL_TYPES[quadrant.bitpix], mode="r", offset=quadrant.data_offset,
+        shape=quadrant.shape,
+    )  # fmt: skip
+    try:
+        overscan = np.array(pixels[rows, cols], dtype=np.float32)
+    finally:
+        del pixels
+    if quadrant.bitpix == 16:
+        overscan += np.float32(32768.0)
+    return overscan
+
+
 def read_refcat(path: PathLike) -> RefCatalog:
     """Read a reference catalog from a FITS binary table or an ECSV file.
 
@@ -525,7 +617,10 @@ def _validate(hdul: fits.HDUList, path: str) -> RawExposure:
     science = header.imagetyp == "SCIENCE"
     quadrants: dict[str, QuadrantHeader] = {}
     for index in range(1, len(hdul)):
-        quadrant = _quadrant_header(hdul[index], index, science=science)
+        quadrant = dataclasses.replace(
+            _quadrant_header(hdul[index], index, science=science),
+            data_offset=int(hdul.fileinfo(index)["datLoc"]),
+        )
         if quadrant.extname in quadrants:
             first = quadrants[quadrant.extname].hdu_index
             raise _ContractError(
@@ -639,6 +734,7 @@ def _quadrant_header(hdu: Any, index: int, *, science: bool) -> QuadrantHeader:
         detsec=detsec,
         shape=shape,
         has_wcs=has_wcs,
+        bitpix=int(header["BITPIX"]),
     )
 
 

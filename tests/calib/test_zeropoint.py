@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calib.zeropoint import classical_zeropoints, fit_colour_term, median_variance_factor
+from calib.bits import FLAG_BITS
+from calib.zeropoint import (
+    classical_zeropoints,
+    fit_colour_term,
+    median_variance_factor,
+    zeropoint_stars,
+)
 
 
 def _stars(seed, *, n_groups=300, per_group=(3, 12), colour_term=0.05, extra=0.01):
@@ -96,3 +102,35 @@ def test_too_few_stars_for_a_colour_term_apply_none():
     assert not res.colour_term.fitted
     assert res.colour_term.value == 0.0
     assert np.isnan(res.colour_term.err)
+
+
+def test_zeropoint_stars_keep_clean_and_mildly_crowded_precise_stars():
+    crowded, edge = FLAG_BITS["crowded"], FLAG_BITS["edge"]
+    flags = np.array([0, crowded, crowded, edge, 0, edge | crowded])
+    contamination = np.array([0.0, 0.005, 0.02, 0.0, 0.0, 0.0])
+    err = np.array([0.01, 0.01, 0.01, 0.01, 0.08, 0.01])
+    use = zeropoint_stars(flags, contamination, err, max_contamination=0.01, max_mag_err=0.05)
+    assert use.tolist() == [True, True, False, False, False, False]
+    looser = zeropoint_stars(flags, contamination, err, max_contamination=0.05, max_mag_err=0.1)
+    assert looser.tolist() == [True, True, True, False, True, False]
+
+
+def test_colour_term_ignores_single_star_groups_rounding():
+    """Groups of one star carry no slope information: their residuals are zero but
+    for rounding, and once set the clipping scale, so a 1e-15 change of the
+    magnitudes moved the colour term by 1 % and its error by 45 % on tiny."""
+    rng = np.random.default_rng(4)
+    n_multi, per, n_single, term = 30, 4, 300, 0.05
+    group = np.r_[np.repeat(np.arange(n_multi), per), n_multi + np.arange(n_single)]
+    colour = rng.normal(1.0, 0.4, len(group))
+    zp = rng.normal(25.0, 0.1, n_multi + n_single)[group]
+    delta = zp - term * (colour - 1.0) + rng.normal(0.0, 0.01, len(group))
+    err = np.full(len(group), 0.01)
+    fit = fit_colour_term(delta, colour, group, delta_err=err)
+    assert fit.value == pytest.approx(term, abs=4 * fit.err)
+    nudged = fit_colour_term(delta * (1 + 1e-15 * rng.standard_normal(len(delta))), colour,
+                             group, delta_err=err)  # fmt: skip
+    assert nudged.value == pytest.approx(fit.value, rel=1e-9)
+    assert nudged.err == pytest.approx(fit.err, rel=1e-9)
+    # Single stars are never clipped: they do not enter the slope.
+    assert n_single < fit.n_stars <= len(group)

@@ -178,3 +178,41 @@ def test_tasks_run_in_a_prefect_flow(tiny_survey, store):
     counts = reduce_flow()
     assert counts["exposures"] == 4
     assert read_group(store, f"nights/{night}/catalog").sizes["obs"] == counts["observations"]
+
+
+def test_zero_point_minimum_is_the_configured_one():
+    """Two clean stars on one quadrant give a zero point when zp_min_stars is 2 (a
+    hard-coded 3 once shadowed the setting), and none at the default 3."""
+    from tasks.io.raw import RefCatalog
+    from tasks.reduce import _classical
+
+    ids = np.array([11, 12], dtype=np.int64)
+    nan2 = np.full(2, np.nan)
+    refcat = RefCatalog(
+        path="synthetic", source_id=ids, ra=np.zeros(2), dec=np.zeros(2),
+        g_mag=nan2, r_mag=np.array([16.0, 17.0]), i_mag=nan2, g_magerr=nan2,
+        r_magerr=np.full(2, 0.01), i_magerr=nan2, bp_rp=np.ones(2),
+    )  # fmt: skip
+    zp_true = 25.0
+    catalog = xr.Dataset(
+        {
+            "expid": ("obs", np.array([7, 7])),
+            "quadrant": ("obs", np.array([0, 0])),
+            "source_id": ("obs", ids),
+            "mag_inst": ("obs", refcat.r_mag - zp_true),
+            "mag_inst_err": ("obs", np.full(2, 0.01)),
+            "flags": ("obs", np.zeros(2, dtype=np.int64)),
+            "contamination": ("obs", np.zeros(2, dtype=np.float32)),
+        }
+    )
+    exposures = xr.Dataset(
+        {"expid": ("exposure", [7]), "band": ("exposure", np.array(["r"], dtype=object))},
+        coords={"quadrant": [0]},
+    )
+    two = PhotometryConfig(zp_min_stars=2, colour_term=0.0)
+    zp, _, n, _ = _classical(catalog, exposures, refcat, two)
+    assert n[0, 0] == 2
+    assert zp[0, 0] == pytest.approx(zp_true, abs=1e-9)
+    zp, _, n, _ = _classical(catalog, exposures, refcat, PhotometryConfig(colour_term=0.0))
+    assert np.isnan(zp[0, 0])
+    assert n[0, 0] == 0
