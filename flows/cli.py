@@ -1,4 +1,4 @@
-"""The ``photocal`` command line: simulate, run, demo."""
+"""The ``photocal`` command line: simulate, run, demo, serve, store."""
 
 from __future__ import annotations
 
@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="register deployments but start no worker",
     )
+
+    from flows.store_cli import add_store_parser
+
+    add_store_parser(sub)
 
     p = sub.add_parser("demo", help="simulate a small survey and run the pipeline on it")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -392,7 +396,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "run": cmd_run, "demo": cmd_demo, "serve": cmd_serve}
+    from flows.store_cli import cmd_store
+
+    handlers = {
+        "simulate": cmd_simulate,
+        "run": cmd_run,
+        "demo": cmd_demo,
+        "serve": cmd_serve,
+        "store": cmd_store,
+    }
     return handlers[args.command](args)
 
 
