@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="cluster spec: local, slurm, kubernetes (infra/clusters/) or a YAML path",
     )
+    p.add_argument(
+        "--cluster-option",
+        dest="cluster_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="site value over the spec's (repeatable): queue=debug, cores=8, memory=32GB, "
+        "walltime=04:00:00, adapt.maximum_jobs=20",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--dask-address", help="tcp://HOST:PORT of a running dask scheduler")
     where.add_argument(
@@ -212,6 +220,7 @@ def run_pipeline(
     dask_address: str | None = None,
     workers: int | None = None,
     cluster: str = "local",
+    cluster_options: dict | None = None,
     overwrite: bool = True,
     refcat: str | None = None,
     keep_reduced: bool = False,
@@ -227,7 +236,12 @@ def run_pipeline(
     index = (
         IndexConfig() if site_longitude is None else IndexConfig(site_longitude_deg=site_longitude)
     )
-    runner = make_task_runner(dask_address=dask_address, workers=workers, cluster=cluster)
+    runner = make_task_runner(
+        dask_address=dask_address,
+        workers=workers,
+        cluster=cluster,
+        cluster_options=cluster_options,
+    )
     with prefect_api():
         return photocal_run.with_options(task_runner=runner)(
             store=store,
@@ -309,6 +323,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from flows.runners import parse_cluster_options
+
+    try:
+        cluster_options = parse_cluster_options(args.cluster_options)
+    except ValueError as err:
+        print(f"photocal run: {err}", file=sys.stderr)
+        return 2
     summary = run_pipeline(
         store=args.store,
         raw=args.raw,
@@ -318,6 +339,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dask_address=args.dask_address,
         workers=args.workers,
         cluster=args.cluster,
+        cluster_options=cluster_options,
         overwrite=args.overwrite,
         refcat=None if args.refcat is None else str(args.refcat),
         keep_reduced=args.keep_reduced,
