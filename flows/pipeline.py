@@ -37,6 +37,7 @@ from tasks.reduce import (
     write_night_task,
 )
 from tasks.reports import night_report_task
+from tasks.resume import forget_results_task
 from tasks.transients import (
     TransientsConfig,
     score_pair_task,
@@ -171,6 +172,7 @@ def photocal_run(
         summary["transients"] = _transients_stage(store, nights, transients or TransientsConfig())
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
+    forget_results_task(store)  # kept only for recoveries within this run
     return summary
 
 

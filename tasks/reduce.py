@@ -42,6 +42,7 @@ from calib.zeropoint import classical_zeropoints
 from ml.zp_features import centre_crop
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
+from tasks.resume import resumable
 
 N_QUADRANTS = 64
 
@@ -717,6 +718,7 @@ def plan_reduce_task(store: str, night: str, config: ReduceConfig) -> tuple[str,
 
 
 @task(name="photometer-chunk", retries=1, retry_delay_seconds=5)
+@resumable
 def photometer_chunk_task(
     store: str,
     raw_root: str,
