@@ -195,14 +195,14 @@ class ObjectStore:
     def __init__(self, url: str) -> None:
         self.url = str(url).rstrip("/")
         self.options = storage_options(self.url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        protocol = self.url.split("://", 1)[0]
         refs = _REFS_BY_PROTOCOL.get(protocol)
         if refs is None:
             raise ValueError(
                 f"store {self.url}: object stores of protocol {protocol!r} are not supported "
                 f"(atomic commits need conditional writes; supported: s3://, memory://)"
             )
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
         self.refs = refs(self.fs)
 
     # paths
@@ -290,17 +290,18 @@ class ObjectStore:
         return sorted(parents), sorted(groups)
 
     def all_groups(self, prefix: str = "") -> list[str]:
-        """Every group with a ref under ``prefix`` (complete or removed)."""
+        """Every group with a ref under ``prefix``, or named ``prefix`` (complete
+        or removed)."""
         base = self._meta("refs")
-        start = f"{base}/{prefix}".rstrip("/") if prefix else base
+        start = f"{base}/{prefix}" if prefix else base
         try:
-            found = self.fs.find(start, refresh=True) if prefix else self.fs.find(base)
+            found = list(self.fs.find(start, refresh=True))
         except FileNotFoundError:
-            return []
-        if self.fs.isfile(f"{start}.json"):
-            found = [*found, f"{start}.json"]
+            found = []
+        if prefix and self.refs.get(f"{start}.json") is not None:
+            found.append(f"{start}.json")
         return sorted(
-            p[len(base) + 1 :].removesuffix(".json") for p in found if p.endswith(".json")
+            {p[len(base) + 1 :].removesuffix(".json") for p in found if p.endswith(".json")}
         )
 
     def builds(self) -> list[str]:
@@ -329,6 +330,28 @@ class ObjectStore:
                 continue
             newest = max(newest, stamp)
         return newest
+
+    def upload(self, local_dir: str, build: str) -> None:
+        """Every file under ``local_dir`` into the build, in one concurrent batch."""
+        base = self.build_path(build)
+        files = {}
+        for dirpath, _, names in os.walk(local_dir):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+                with open(full, "rb") as fh:
+                    files[f"{base}/{rel}"] = fh.read()
+        self.fs.pipe(files)
+
+    def download(self, build: str, local_dir: str) -> None:
+        """Every object of the build into ``local_dir``, in one concurrent batch."""
+        base = self.build_path(build)
+        paths = [p for p in self.fs.find(base, refresh=True) if not p.endswith("/")]
+        for path, data in self.fs.cat(paths).items():
+            target = os.path.join(local_dir, path[len(base) + 1 :].lstrip("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as fh:
+                fh.write(data)
 
     def remove_build(self, build: str) -> None:
         with contextlib.suppress(FileNotFoundError):

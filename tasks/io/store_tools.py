@@ -163,6 +163,12 @@ def collect_garbage(
         runs = root.parent / f".{root.name}.runs"
         for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
             if entry.suffix == ".lock":
+                # A writer killed between publishing and dropping its lock file.
+                orphan = not entry.with_suffix("").exists()
+                if orphan and now - entry.lstat().st_mtime >= min_age_s and not _locked(entry):
+                    removed.append(f"{entry}: lock file of a finished build")
+                    if not dry_run:
+                        entry.unlink(missing_ok=True)
                 continue
             lock = entry.with_name(entry.name + ".lock")
             age = now - _newest_mtime(entry)

@@ -292,4 +292,4 @@ def test_store_commands_on_s3(s3_store, capsys):
     assert "index/2026-03-10: rollback to version 1 (now version 3)" in capsys.readouterr().out
     assert read_group(s3_store, "index/2026-03-10").attrs["value"] == 1.0
     assert main(["store", "ls", "gs://bucket/x"]) == 1
-    assert "protocol 'gs' is not supported" in capsys.readouterr().err
+    assert "of protocol 'gs' are not supported" in capsys.readouterr().err
