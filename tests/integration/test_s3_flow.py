@@ -31,8 +31,11 @@ def _same(a: xr.Dataset, b: xr.Dataset, ignore: set[str]) -> None:
 
 
 @pytest.mark.slow  # 60-90 s idle: the stages on S3, then again in one process
-def test_index_masters_and_photometry_on_s3(s3_store, tiny_survey, tmp_path):
+def test_index_masters_and_photometry_on_s3(s3_store, tiny_survey, tmp_path, monkeypatch):
     night = tiny_survey.nights[0]
+    # QA plots of an object store go to a local folder named after it, relative
+    # to the working directory (tasks/qa.py): keep them out of the repository.
+    monkeypatch.chdir(tmp_path)
     with prefect_test_harness(server_startup_timeout=180), prefect_api():
         summary = photocal_run.with_options(task_runner=make_task_runner(workers=2))(
             store=s3_store,
