@@ -76,8 +76,12 @@ def small_group(value: float) -> xr.Dataset:
 
 def chunked_group(value: float) -> xr.Dataset:
     dims = ("quadrant", "y", "x")
+    rng = np.random.default_rng(int(value))
+    # Noise, not constants: constant chunks compress to bytes and Icechunk would
+    # inline them into its manifest (real pixels are not like that).
     ds = xr.Dataset(
-        {f"v{k}": (dims, np.full((8, 128, 128), value)) for k in range(6)}, attrs={"value": value}
+        {f"v{k}": (dims, value + rng.normal(size=(8, 128, 128))) for k in range(6)},
+        attrs={"value": value},
     )
     for var in ds.data_vars.values():
         var.encoding["chunks"] = (1, 128, 128)
@@ -138,10 +142,15 @@ class Icechunk:
         raise RuntimeError("gave up")
 
     def read(self, group: str, version: int | None = None) -> xr.Dataset:
+        import icechunk
+
+        # A reader is another process: a repository opened afresh, without the
+        # writer's caches.
+        repo = icechunk.Repository.open(self.repo.storage)
         if version is None:
-            session = self.repo.readonly_session(branch="main")
+            session = repo.readonly_session(branch="main")
         else:
-            session = self.repo.readonly_session(snapshot_id=self.snapshots[group][version - 1])
+            session = repo.readonly_session(snapshot_id=self.snapshots[group][version - 1])
         return xr.open_zarr(session.store, group=group, consolidated=False, chunks=None).load()
 
 

@@ -7,10 +7,7 @@ a local store, and with the commit protocol switched off, mixed reads appear."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +15,10 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+from test_store_faults import GROUP
+from test_store_faults import _kill_in_version as kill_in_version
+from test_store_faults import _start_writer as start_writer
+from test_store_faults import _version_of as version_of
 
 from tasks.io.objstore import LEASE_ENV, UNSAFE_IN_PLACE_ENV, object_store
 from tasks.io.store import (
@@ -37,8 +38,6 @@ from tasks.io.store import (
 )
 from tasks.io.store_tools import collect_garbage, copy_store, list_store, roll_back
 
-WRITER = Path(__file__).with_name("store_writer.py")
-GROUP = "nights/2026-03-10/catalog"
 SIZE = 32  # 6 arrays x 8 chunks of 32 x 32: as many objects as on disk, less data
 N_RACE = 5  # versions per concurrent writer
 REPO = Path(__file__).resolve().parents[3]
@@ -171,28 +170,11 @@ def test_gc_removes_only_old_unlocked_unpublished_builds(s3_store, monkeypatch):
 
 
 def _start_writer(store: str, writer: int, n_versions: int, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(WRITER), store, GROUP, str(writer), str(n_versions), str(SIZE)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-    )
+    return start_writer(store, writer, n_versions, size=SIZE, env=env)
 
 
 def _version_of(store: str) -> tuple[int, int] | None:
-    """(writer, version) of the stored group, checked complete and unmixed."""
-    if not group_exists(store, GROUP):
-        return None
-    ds = read_group(store, GROUP)
-    writer, version = ds.attrs["writer"], ds.attrs["version"]
-    expected = 1000.0 * writer + version
-    assert sorted(ds.data_vars) == [f"v{k}" for k in range(6)]
-    for name, var in ds.data_vars.items():
-        assert var.shape == (8, SIZE, SIZE), name
-        np.testing.assert_array_equal(np.unique(var.values), [expected], err_msg=name)
-    return writer, version
+    return version_of(store, SIZE)
 
 
 def test_writer_killed_mid_write_on_s3(s3_store):
@@ -207,17 +189,7 @@ def test_writer_killed_mid_write_on_s3(s3_store):
     for round_ in range(3):
         n = 2 + round_ % 2
         proc = _start_writer(s3_store, 1, n, **lease)
-        for line in proc.stdout:
-            fields = line.split()
-            if fields[0] == "done":
-                write_s = max(write_s, float(fields[2]))
-            elif fields[0] == "start" and int(fields[1]) == n:
-                break
-        time.sleep(rng.uniform(0.0, 1.2 * write_s))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
+        write_s = kill_in_version(proc, n, lambda w: rng.uniform(0.0, 1.2 * w), write_s)
         got = _version_of(s3_store)
         assert got in {(1, n - 1), (1, n)}, got
         killed_inside += got == (1, n - 1)
