@@ -26,14 +26,22 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any, TypeVar
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
 from tasks.io.store import drop_task_results, load_task_result, save_task_result
 
 F = TypeVar("F", bound=Callable[..., Any])
-log = logging.getLogger(__name__)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (its lines reach the Prefect UI), or this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def flow_run_id() -> str | None:
@@ -85,7 +93,7 @@ def resumable(fn: F) -> F:
         key = argument_key(fn, args, kwargs)
         kept = load_task_result(store, run, key)
         if kept is not None:
-            log.info("%s: finished earlier in this run; its kept result is used", key)
+            _logger().info("%s: finished earlier in this run; its kept result is used", key)
             return pickle.loads(kept)
         result = fn(*args, **kwargs)
         save_task_result(store, run, key, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))

@@ -84,6 +84,7 @@ def _computations(log: Path) -> Counter:
     return Counter(log.read_text().split()) if log.exists() else Counter()
 
 
+@pytest.mark.slow  # 60-90 s idle, minutes on a loaded machine: a night's photometry
 def test_worker_killed_after_half_the_chunks_recomputes_none_of_them(
     masters_store, tiny_survey, tmp_path
 ):
@@ -119,6 +120,10 @@ def test_worker_killed_after_half_the_chunks_recomputes_none_of_them(
         killer.join(timeout=5)
     assert killed, "no worker was killed"
     counts = _computations(log)
+    print(
+        f"killed after {len(killed['finished'])} of {n_chunks} chunks finished, holding "
+        f"{killed['held']} finished results; computations per chunk: {sorted(counts.values())}"
+    )
     # The killed worker held finished chunk results the night still needed: Dask
     # ran those tasks again, and each returned its kept result.
     assert killed["held"] >= 1
@@ -134,8 +139,9 @@ def test_worker_killed_after_half_the_chunks_recomputes_none_of_them(
     assert not any((store.parent / ".photocal.zarr.runs").glob("*/*.pkl"))
 
 
-def _worker_pids(client: Client) -> set[int]:
-    return {w["pid"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
+def _worker_addresses(client: Client) -> set[str]:
+    """A restarted worker listens on a new port: a new address."""
+    return set(client.scheduler_info(n_workers=-1)["workers"])
 
 
 @pytest.mark.slow  # 60-140 s: a night's photometry while workers come and go
@@ -154,11 +160,12 @@ def test_workers_retiring_at_their_lifetime_lose_no_work(masters_store, tiny_sur
     }
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         client.register_plugin(CountChunks(str(log)))
-        first = _worker_pids(client)
+        first = _worker_addresses(client)
         summary = _photometry(store, tiny_survey, DaskTaskRunner(address=cluster.scheduler_address))
-        last = _worker_pids(client)
+        last = _worker_addresses(client)
     assert first.isdisjoint(last), "no worker reached its lifetime during the run"
     counts = _computations(log)
+    print(f"workers {sorted(first)} -> {sorted(last)}; computations: {sorted(counts.values())}")
     assert len(counts) == 4
     assert max(counts.values()) == 1, counts
     assert summary["photometry"][tiny_survey.nights[0]]["exposures"] == 4
