@@ -154,8 +154,8 @@ def test_workers_retiring_at_their_lifetime_lose_no_work(masters_store, tiny_sur
     kwargs = {
         **make_task_runner(workers=2).cluster_kwargs,
         "n_workers": 2,
-        "lifetime": "6s",
-        "lifetime_stagger": "2s",
+        "lifetime": "15s",
+        "lifetime_stagger": "5s",
         "lifetime_restart": True,
     }
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
