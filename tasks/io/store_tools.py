@@ -162,6 +162,8 @@ def collect_garbage(
         staging = root.parent / f".{root.name}.staging"
         runs = root.parent / f".{root.name}.runs"
         for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
+            if not entry.exists():  # the lock file of a build removed just before
+                continue
             if entry.suffix == ".lock":
                 # A writer killed between publishing and dropping its lock file.
                 orphan = not entry.with_suffix("").exists()
