@@ -144,7 +144,13 @@ def _worker_addresses(client: Client) -> set[str]:
     return set(client.scheduler_info(n_workers=-1)["workers"])
 
 
-@pytest.mark.slow  # 60-140 s: a night's photometry while workers come and go
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.xfail(
+    reason="open (issue 19): with 6 s and 15 s lifetimes the run did not finish in 900 s "
+    "on this machine (docs/reliability.md); not yet understood",
+    strict=False,
+)
 def test_workers_retiring_at_their_lifetime_lose_no_work(masters_store, tiny_survey, tmp_path):
     """Workers that retire after a few seconds (as a Slurm job does before its
     walltime with ``--lifetime``) hand over their results and are restarted;
