@@ -1,4 +1,4 @@
-"""The ``photocal`` command line: simulate, run, demo."""
+"""The ``photocal`` command line: simulate, run, demo, serve, store."""
 
 from __future__ import annotations
 
@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="cluster spec: local, slurm, kubernetes (infra/clusters/) or a YAML path",
     )
+    p.add_argument(
+        "--cluster-option",
+        dest="cluster_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="site value over the spec's (repeatable): queue=debug, cores=8, memory=32GB, "
+        "walltime=04:00:00, adapt.maximum_jobs=20",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--dask-address", help="tcp://HOST:PORT of a running dask scheduler")
     where.add_argument(
@@ -160,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="register deployments but start no worker",
     )
+
+    from flows.store_cli import add_store_parser
+
+    add_store_parser(sub)
 
     p = sub.add_parser("demo", help="simulate a small survey and run the pipeline on it")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -217,6 +229,7 @@ def run_pipeline(
     dask_address: str | None = None,
     workers: int | None = None,
     cluster: str = "local",
+    cluster_options: dict | None = None,
     overwrite: bool = True,
     refcat: str | None = None,
     keep_reduced: bool = False,
@@ -232,7 +245,12 @@ def run_pipeline(
     if site_longitude is not None:
         flags["index"] = {"site_longitude_deg": site_longitude}
     resolved = load_config(config, overrides=flags)
-    runner = make_task_runner(dask_address=dask_address, workers=workers, cluster=cluster)
+    runner = make_task_runner(
+        dask_address=dask_address,
+        workers=workers,
+        cluster=cluster,
+        cluster_options=cluster_options,
+    )
     with prefect_api():
         return photocal_run.with_options(task_runner=runner)(
             store=store,
@@ -323,9 +341,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from flows.runners import parse_cluster_options
+
     try:
         config = _run_config(args)
-    except ConfigError as err:
+        cluster_options = parse_cluster_options(args.cluster_options)
+    except (ConfigError, ValueError) as err:
         print(f"photocal run: {err}", file=sys.stderr)
         return 2
     try:
@@ -338,6 +359,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             dask_address=args.dask_address,
             workers=args.workers,
             cluster=args.cluster,
+            cluster_options=cluster_options,
             overwrite=args.overwrite,
             refcat=None if args.refcat is None else str(args.refcat),
             keep_reduced=args.keep_reduced,
@@ -538,6 +560,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flows.store_cli import cmd_store
+
     handlers = {
         "simulate": cmd_simulate,
         "run": cmd_run,
@@ -545,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": cmd_serve,
         "config": cmd_config,
         "ingest": cmd_ingest,
+        "store": cmd_store,
     }
     return handlers[args.command](args)
 

@@ -26,6 +26,7 @@ from tasks.inputs import (
 from tasks.masters import MastersConfig, has_master, period_label
 from tasks.reduce import PhotometryConfig, ReduceConfig, check_refcat_task
 from tasks.reports import night_report_task
+from tasks.resume import forget_results_task
 from tasks.stages import PrefectRun, masters_stage, photometry_stage
 from tasks.transients import (
     TransientsConfig,
@@ -184,6 +185,7 @@ def photocal_run(
         summary["transients"] = _transients_stage(store, nights, transients or cfg["transients"])
     for night, counts in summary["nights"].items():
         night_report_task(store, night, counts, summary)
+    forget_results_task(store)  # kept only for recoveries within this run
     raise_for_missing(summary, named=strict_nights and nights is not None)
     return summary
 

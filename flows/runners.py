@@ -47,8 +47,25 @@ def load_cluster_spec(name_or_path: str) -> ClusterSpec:
         raise ValueError(f"cluster spec {path}: {err}") from None
 
 
+def parse_cluster_options(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (values read as YAML scalars: ``cores=1``,
+    ``queue=debug``, ``adapt.maximum_jobs=4``) as a dict; ValueError naming the
+    bad item otherwise."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"cluster option {item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
 def make_task_runner(
-    *, dask_address: str | None = None, workers: int | None = None, cluster: str = "local"
+    *,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    cluster: str = "local",
+    cluster_options: dict[str, Any] | None = None,
 ) -> DaskTaskRunner:
     """A Dask task runner.
 
@@ -61,6 +78,10 @@ def make_task_runner(
         Worker count for the spec (``n_workers``), e.g. of the local cluster.
     cluster : str
         Spec name or path (see :func:`load_cluster_spec`).
+    cluster_options : dict, optional
+        Site values over the spec's: ``cluster_kwargs`` by name (``queue``,
+        ``account``, ``cores``, ``memory``, ``walltime``, ...), adaptive scaling
+        as ``adapt.<name>`` (``adapt.maximum_jobs``; ``adapt=null`` turns it off).
     """
     if dask_address is not None and workers is not None:
         raise ValueError("give either dask_address or workers, not both")
@@ -72,8 +93,18 @@ def make_task_runner(
     if spec.dask_config:
         dask.config.set(spec.dask_config)
     kwargs = dict(spec.cluster_kwargs)
+    adapt = None if spec.adapt_kwargs is None else dict(spec.adapt_kwargs)
+    for key, value in (cluster_options or {}).items():
+        if key == "adapt":
+            if value is not None:
+                raise ValueError("cluster option adapt takes only null (adapt.<name>=... sets one)")
+            adapt = None
+        elif key.startswith("adapt."):
+            adapt = {**(adapt or {}), key.removeprefix("adapt."): value}
+        else:
+            kwargs[key] = value
     if workers is not None:
         kwargs["n_workers"] = workers
     return DaskTaskRunner(
-        cluster_class=spec.cluster_class, cluster_kwargs=kwargs, adapt_kwargs=spec.adapt_kwargs
+        cluster_class=spec.cluster_class, cluster_kwargs=kwargs, adapt_kwargs=adapt
     )

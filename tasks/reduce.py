@@ -43,6 +43,7 @@ from tasks.io.provenance import provenance
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.store import StoreError, list_groups, read_group, write_group
 from tasks.logs import run_logger
+from tasks.resume import resumable
 
 N_QUADRANTS = 64
 
@@ -673,6 +674,7 @@ def plan_reduce_task(store: str, night: str, config: ReduceConfig) -> tuple[str,
 
 
 @task(name="photometer-chunk", retries=1, retry_delay_seconds=5)
+@resumable
 def photometer_chunk_task(
     store: str,
     raw_root: str,

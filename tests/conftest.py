@@ -47,3 +47,66 @@ def bad_corpus(
     first = {k: raw / paths[types.index(k)] for k in ("SCIENCE", "BIAS", "FLAT")}
     bad = write_bad_files(raw, first["SCIENCE"], first["BIAS"], first["FLAT"], kinds=ALL_KINDS)
     return raw, bad
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server, a real HTTP server on a free loopback port, for
+    the session. Its endpoint and throw-away credentials are exported the standard
+    way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so writer processes and Dask
+    workers started from the tests find it as a real deployment would."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto's S3 server did not start")
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": f"moto{uuid.uuid4().hex[:12]}",
+        "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_store(s3_server) -> str:
+    """A store URL in a new bucket of the session's S3 server."""
+    import uuid
+
+    import s3fs
+
+    bucket = f"photocal-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}/photocal.zarr"

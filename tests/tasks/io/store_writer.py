@@ -1,7 +1,7 @@
 """A store writer run as a separate process by test_store_faults.py: it rewrites one
 group over and over, so that the tests can SIGKILL it mid-write or run two at once.
 
-    python store_writer.py STORE GROUP WRITER_ID N_VERSIONS
+    python store_writer.py STORE GROUP WRITER_ID N_VERSIONS [SIZE]
 
 Version ``v`` of writer ``w`` fills every array with ``1000 * w + v`` and records
 both in the group's attrs; odd versions go through ``write_group``, even ones are
@@ -22,8 +22,9 @@ import xarray as xr
 from tasks.io.store import begin_group, commit_group, write_group, write_region
 
 N_VARS = 6
-SHAPE = (8, 128, 128)  # (quadrant, y, x): 8 chunks of 128x128 per variable
-CHUNKS = (1, 128, 128)
+SIZE = int(sys.argv[5]) if len(sys.argv) > 5 else 128  # smaller on the S3 server
+SHAPE = (8, SIZE, SIZE)  # (quadrant, y, x): 8 chunks of SIZE x SIZE per variable
+CHUNKS = (1, SIZE, SIZE)
 DIMS = ("quadrant", "y", "x")
 
 

@@ -24,17 +24,37 @@ GROUP = "nights/2026-03-10/catalog"
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _start_writer(store: Path, writer: int, n_versions: int) -> subprocess.Popen:
+def _start_writer(
+    store: Path | str, writer: int, n_versions: int, *, size: int = 128, env: dict | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(WRITER), str(store), GROUP, str(writer), str(n_versions)],
+        [sys.executable, str(WRITER), str(store), GROUP, str(writer), str(n_versions), str(size)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
-def _version_of(store: Path) -> tuple[int, int] | None:
+def _kill_in_version(proc: subprocess.Popen, n: int, delay, write_s: float) -> float:
+    """SIGKILL the writer ``delay(longest write so far)`` seconds after it starts
+    version ``n``; returns the longest write seen."""
+    for line in proc.stdout:
+        fields = line.split()
+        if fields[0] == "done":
+            write_s = max(write_s, float(fields[2]))
+        elif fields[0] == "start" and int(fields[1]) == n:
+            break
+    time.sleep(delay(write_s))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    proc.stderr.close()
+    return write_s
+
+
+def _version_of(store: Path | str, size: int = 128) -> tuple[int, int] | None:
     """(writer, version) of the stored group, checked to be complete and unmixed;
     None when there is no complete group."""
     if not group_exists(store, GROUP):
@@ -44,7 +64,7 @@ def _version_of(store: Path) -> tuple[int, int] | None:
     expected = 1000.0 * writer + version
     assert sorted(ds.data_vars) == [f"v{k}" for k in range(6)]
     for name, var in ds.data_vars.items():
-        assert var.shape == (8, 128, 128), name
+        assert var.shape == (8, size, size), name
         # Every chunk of every array from the version the attrs name: nothing torn.
         np.testing.assert_array_equal(np.unique(var.values), [expected], err_msg=name)
     return writer, version
@@ -63,17 +83,7 @@ def test_writer_killed_mid_write_never_leaves_a_partial_group(tmp_path):
     for round_ in range(4):
         n = 2 + round_ % 2  # the kill falls in the last version: alternately pieced/whole
         proc = _start_writer(store, 1, n)
-        for line in proc.stdout:
-            fields = line.split()
-            if fields[0] == "done":
-                write_s = max(write_s, float(fields[2]))
-            elif fields[0] == "start" and int(fields[1]) == n:
-                break
-        time.sleep(rng.uniform(0.0, 1.2 * write_s))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
+        write_s = _kill_in_version(proc, n, lambda w: rng.uniform(0.0, 1.2 * w), write_s)
         got = _version_of(store)
         assert got is None or got in {(1, n - 1), (1, n)}, got
         outcomes.append(got != (1, n))  # True: killed before the new version was in place
