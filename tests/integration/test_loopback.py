@@ -8,6 +8,7 @@ import ipaddress
 import psutil
 import pytest
 from distributed import Client, LocalCluster
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.api import prefect_api
 from flows.runners import make_task_runner
@@ -27,7 +28,14 @@ def listening(process: psutil.Process) -> list[tuple[int, str, int]]:
 
 def test_a_default_run_listens_on_loopback_only():
     kwargs = {**make_task_runner(workers=1).cluster_kwargs, "n_workers": 1}
-    with prefect_api() as api_url, LocalCluster(**kwargs) as cluster, Client(cluster):
+    # As a default run starts: no API configured (the session's test server,
+    # when another test started it, is set aside), so it embeds its own.
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        prefect_api() as api_url,
+        LocalCluster(**kwargs) as cluster,
+        Client(cluster),
+    ):
         sockets = listening(psutil.Process())
         dashboard = cluster.dashboard_link
     assert api_url.startswith("http://127.0.0.1:")
