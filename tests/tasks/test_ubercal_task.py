@@ -3,10 +3,13 @@ night catalogs: read nights/*/catalog, anchor to the refcat, write ubercal/<band
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from statchecks import assert_fails, assert_unit_pulls
 
+import tasks.ubercal
 from calib.ubercal import UbercalOptions
 from sim.catalogsim import CatalogSurveyConfig, simulate_catalog_survey
 from tasks.io.store import StoreError, read_group
@@ -74,6 +77,20 @@ def test_zero_point_check_fails_on_wrong_errors(filled, solved, perturb):
     survey, _, _ = filled
     _, ds = solved
     assert_fails(check_zero_points_against_truth, perturb(ds), survey)
+
+
+def test_zero_point_check_fails_when_the_solver_doubles_its_errors(filled, monkeypatch):
+    """The code perturbed: the stage's solver reports errors x2."""
+    survey, store, refcat = filled
+    solve = tasks.ubercal.solve_ubercal
+
+    def doubled(*args, **kwargs):
+        sol = solve(*args, **kwargs)
+        return dataclasses.replace(sol, zp_err_mag=2 * sol.zp_err_mag)
+
+    monkeypatch.setattr(tasks.ubercal, "solve_ubercal", doubled)
+    run_ubercal_stage(store, refcat, UbercalStageConfig(band="r", plots=False))
+    assert_fails(check_zero_points_against_truth, read_group(store, "ubercal/r"), survey)
 
 
 def test_stage_writes_the_ubercal_group(filled, solved, tmp_path):
