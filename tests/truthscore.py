@@ -34,7 +34,7 @@ def ubercal_pulls(store, truth_store, band: str) -> np.ndarray:
     starflat = _truth(truth_store, f"maps/starflat/{band}").starflat
     truth = zp + starflat.sel(quadrant=sol.quadrant).mean(("y", "x")).values[None]
     value, err = sol.zp.values, sol.zp_err.values
-    if sol.attrs["config"]["options"]["zp_mode"] == "exposure":
+    if sol.attrs["options"]["zp_mode"] == "exposure":
         value, err, truth = value[:, 0], err[:, 0], truth.mean(axis=1)
     d = _gauge_removed(value - truth, err)
     return (d / err).ravel()

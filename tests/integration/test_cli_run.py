@@ -15,7 +15,6 @@ import pytest
 from statchecks import assert_fails, assert_unit_pulls, z_score
 from truthscore import score_pulls, ubercal_pulls
 
-from calib.ubercal import UbercalOptions
 from flows.cli import main
 from tasks.io.store import list_groups, read_group
 from tasks.ubercal import UbercalStageConfig, run_ubercal_stage
@@ -71,25 +70,21 @@ def test_photocal_run_refuses_photometry_without_refcat(tmp_path, capsys):
     assert "--refcat" in capsys.readouterr().err
 
 
-# tiny has 8 exposures of 8 quadrants: with a zero point per exposure and
-# quadrant, one quadrant of one exposure shares no star with the rest
-# (DisconnectedGraphError), and with the per-exposure gradients the system is
-# singular on every seed tried; one zero point per exposure and a 2x2 starflat
-# are what 8 exposures constrain.
-TINY_UBERCAL = UbercalOptions(zp_mode="exposure", cells=(2, 2))
-
-
 def test_ubercal_zero_points_from_pixels_match_the_truth(photometered, tiny_survey, tmp_path):
     """The one end-to-end pixel test: raw FITS -> index -> masters from the raw
     calibration frames -> reduce + photometry (photocal run) -> ubercal -> zero
-    points against the simulator's truth. Two-sided: the 8 exposures' pulls
-    have unit width within their chi-square band (0.26-1.93) and are centred;
-    errors x4 or /4 fail (what 8 values can tell apart). On a copy of the
-    store, so that the network below trains as it always has."""
+    points against the simulator's truth. tiny's 8 exposures of 8 quadrants
+    support one zero point per exposure (with a zero point per exposure and
+    quadrant one quadrant of one exposure shares no star with the rest:
+    DisconnectedGraphError): the stage sizes its model to the data and says so.
+    Two-sided: the 8 exposures' pulls have unit width within their chi-square
+    band (0.26-1.93) and are centred; errors x4 or /4 fail (what 8 values can
+    tell apart). On a copy of the store, so that the network below trains as it
+    always has."""
     store = tmp_path / "photocal.zarr"
     shutil.copytree(photometered[0], store)
-    options = UbercalStageConfig(band="r", plots=False, options=TINY_UBERCAL)
-    run_ubercal_stage(store, tiny_survey.refcat, options)
+    out = run_ubercal_stage(store, tiny_survey.refcat, UbercalStageConfig(band="r", plots=False))
+    assert "zero points per exposure" in out["model"]
     pulls = ubercal_pulls(store, tiny_survey.truth, "r")
     assert len(pulls) == 8
     assert_unit_pulls(pulls, label="ubercal zero points from pixels")
