@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write one damaged raw file of each kind under raw/damaged/",
     )
+    p.add_argument(
+        "--transients",
+        type=_positive,
+        default=None,
+        help="add N transients with light curves in host galaxies (truth in truth.zarr, "
+        "targets in OUT/targets.ecsv); without it the preset is unchanged",
+    )
 
     p = sub.add_parser("run", help="run pipeline stages through the Prefect flow")
     p.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
@@ -201,7 +208,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.survey import Survey
     from tasks.simulate import simulate_survey
 
-    cfg = make_config(args.preset, seed=args.seed, nights=args.nights, domain=args.domain)
+    cfg = make_config(
+        args.preset,
+        seed=args.seed,
+        nights=args.nights,
+        domain=args.domain,
+        transients=args.transients,
+    )
     progress, advance = _progress_bar(len(Survey(cfg).exposures), "rendering exposures")
     with progress:
         res = simulate_survey(
@@ -214,6 +227,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"  raw:    {res.raw}")
     print(f"  refcat: {res.refcat} ({res.n_refcat} stars)")
     print(f"  truth:  {res.truth}")
+    if res.targets is not None:
+        print(f"  targets: {res.targets}")
     for kind, path in res.bad_files.items():
         print(f"  damaged ({kind}): {path}")
     return 0
