@@ -317,7 +317,39 @@ def _ztf() -> SurveyConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "ztf": _ztf}
+def _field() -> SurveyConfig:
+    """One CCD at the star density of ``small``, observed every night: enough clean
+    stars per quadrant for PSF models and ubercal, and a cadence for light curves
+    (with ``transients``)."""
+    return SurveyConfig(
+        preset="field",
+        camera=CameraConfig(
+            ccd_cols=(1,),
+            ccd_rows=(1,),
+            quad_nx=192,
+            quad_ny=192,
+            n_overscan=8,
+            ccd_gap_px=6,
+            defect_fraction=3e-4,
+            dust_per_quadrant=0.5,
+            cosmics_per_mpix=20.0,
+        ),
+        instrument=INSTRUMENTS["A"],
+        schedule=ScheduleConfig(
+            n_nights=6,
+            bands=("r",),
+            n_bias=3,
+            n_dark=0,
+            leds_per_band=3,
+            n_flat_per_led=1,
+            n_science=3,
+            dither_fraction=0.3,
+        ),
+        sky=SkyConfig(stars_per_quadrant=80.0),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "ztf": _ztf, "field": _field}
 
 
 def make_config(
@@ -332,10 +364,11 @@ def make_config(
 
     Parameters
     ----------
-    preset : {'tiny', 'small', 'ztf'}
+    preset : {'tiny', 'small', 'ztf', 'field'}
         ``tiny``: 8 quadrants of 128x128 px, seconds. ``small``: 16 quadrants of
         512x512 px, two nights in g and r. ``ztf``: the full 64-quadrant,
-        3072x3080 focal plane, for benchmarks.
+        3072x3080 focal plane, for benchmarks. ``field``: one CCD of 192x192 px
+        quadrants, six nights of three r exposures, for light curves.
     seed : int
         Seed of every random draw.
     nights : int, optional

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage, signal
 from scipy.special import gamma, gammaincinv
 
+from calib.fluxscale import AB_NJY_ZERO_POINT
 from sim._random import rng_for
 from sim.catalog import StarCatalog
 from sim.config import BANDS, SceneConfig
@@ -36,9 +37,6 @@ __all__ = [
     "make_scene",
     "sersic_b",
 ]
-
-AB_NJY_ZERO_POINT = 31.4
-"""``flux_njy = 10**(-0.4 (m - 31.4))``: the AB magnitude of 1 nJy."""
 
 
 def sersic_b(n: float | np.ndarray) -> np.ndarray:
@@ -405,6 +403,9 @@ class SceneEpochsConfig:
     """Epoch index (fractional) of the explosion; epochs are one day apart."""
     rise_epochs: float = 5.0
     decline_mag_per_epoch: float = 0.05
+    noiseless: bool = False
+    """Images without noise (the expected electrons): the model's systematic
+    errors alone."""
 
 
 @dataclass(frozen=True)
@@ -503,8 +504,11 @@ def simulate_scene_epochs(config: SceneEpochsConfig, *, seed: int) -> list[Scene
             psf=[fine_psf(fwhm, 0.25, kind=config.psf, beta=config.moffat_beta)],
             psf_step_px=0.25,
         )
-        image = rng.poisson(light).astype(np.float64)
-        image += rng.normal(0.0, config.read_noise_e, light.shape)
+        if config.noiseless:
+            image = light
+        else:
+            image = rng.poisson(light).astype(np.float64)
+            image += rng.normal(0.0, config.read_noise_e, light.shape)
         out.append(
             SceneEpoch(
                 image=image,
