@@ -40,6 +40,8 @@ class FluxScale:
         Stars clipped (variables, blends).
     per_epoch, per_epoch_err : ndarray, shape (n_epochs,)
         The same ratio in each epoch, from that epoch's stars; NaN without any.
+    per_epoch_n : ndarray of int, shape (n_epochs,)
+        Stars behind each epoch's ratio.
     per_epoch_chi2_dof : float
         Of the per-epoch ratios about ``ratio``: above 1 when the scale changes
         from image to image (PSF-model or zero-point errors per image).
@@ -53,6 +55,7 @@ class FluxScale:
     per_epoch: np.ndarray
     per_epoch_err: np.ndarray
     per_epoch_chi2_dof: float
+    per_epoch_n: np.ndarray
 
     def as_dict(self) -> dict:
         return {
@@ -137,6 +140,7 @@ def measure_flux_scale(
             nan_epochs,
             nan_epochs.copy(),
             float("nan"),
+            np.zeros(n_epochs, dtype=np.int64),
         )
     ratio, ratio_err = (float(v) for v in _wmean(r[keep], r_err[keep]))
     chi2 = float(np.sum(((r[keep] - ratio) / r_err[keep]) ** 2)) / max(int(keep.sum()) - 1, 1)
@@ -159,6 +163,7 @@ def measure_flux_scale(
         per_epoch=pe,
         per_epoch_err=pe_err,
         per_epoch_chi2_dof=pe_chi2,
+        per_epoch_n=np.isfinite(per).sum(axis=0).astype(np.int64),
     )
 
 

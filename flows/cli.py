@@ -108,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_stages,
         default=None,
         help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal,"
-        "train,score,transients (default: the per-night stages, index to photometry)",
+        "lightcurves,train,score,transients (default: the per-night stages, index to "
+        "photometry)",
+    )
+    p.add_argument(
+        "--targets",
+        type=Path,
+        help="targets table (ECSV, CSV or FITS: name, ra, dec [deg], optional "
+        "no_flux_before/no_flux_after [MJD]); needed by 'lightcurves'",
     )
     p.add_argument(
         "--checkpoint",
@@ -250,6 +257,7 @@ def run_pipeline(
     keep_reduced: bool = False,
     checkpoint: str | None = None,
     config: PhotocalConfig | None = None,
+    targets: str | None = None,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
@@ -276,6 +284,7 @@ def run_pipeline(
             refcat=refcat,
             checkpoint=checkpoint,
             config=resolved.as_dict(),
+            targets=targets,
         )
 
 
@@ -301,6 +310,14 @@ def print_summary(summary: dict) -> None:
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"  nights/{night}/catalog: {parts}")
+    for name, lc in (summary.get("lightcurves") or {}).items():
+        fit = ", ".join(
+            f"{b} chi2/dof {r['chi2_dof']:.2f}"
+            if r.get("chi2_dof") is not None
+            else f"{b} {r['error']}"
+            for b, r in lc["bands"].items()
+        )
+        print(f"  lightcurves/{name}: {lc['measured']} of {lc['epochs']} epochs measured ({fit})")
     zp = summary.get("zp") or {}
     if "train" in zp:
         m = zp["train"]["metrics"]
@@ -356,6 +373,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if "lightcurves" in stages and args.targets is None:
+        print("photocal run: --targets is required for the lightcurves stage", file=sys.stderr)
+        return 2
     from flows.runners import parse_cluster_options
 
     try:
@@ -380,6 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             keep_reduced=args.keep_reduced,
             checkpoint=args.checkpoint,
             config=config,
+            targets=None if args.targets is None else str(args.targets),
         )
     except MissingInputError as err:
         if err.summary is not None:
