@@ -137,7 +137,14 @@ def forced_psf_flux(
     x: np.ndarray,
     y: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PSF-weighted flux ``sum(P D / V) / sum(P^2 / V)`` at sub-pixel positions.
+    """PSF-weighted flux at sub-pixel positions, ``sum(P D) / sum(P^2)`` with one
+    weight per stamp (its median variance, i.e. the sky's); the error from the
+    full variance, ``sqrt(sum(P^2 V)) / sum(P^2)``.
+
+    Per-pixel weights ``1 / V`` would include the source's own photon noise and
+    down-weight a bright source's core: its flux would then come from the wings,
+    where an empirical PSF is least right (measured: +-40 % on stars of S/N 100
+    with the difference's stacked PSF, against +-2 % with stamp weights).
 
     ``psf`` (odd square stamp, sum 1, centred on its middle pixel) is shifted to
     each position by cubic-spline interpolation and renormalised. Positions whose
@@ -158,11 +165,38 @@ def forced_psf_flux(
         ok = np.isfinite(image[sl]) & np.isfinite(v) & (v > 0)
         if not ok.any():
             continue
-        w = np.where(ok, p / np.where(ok, v, 1.0), 0.0)
+        w = np.where(ok, p, 0.0)
         norm = float(np.sum(w * p))
         flux[k] = float(np.sum(w * np.where(ok, image[sl], 0.0))) / norm
-        err[k] = 1.0 / np.sqrt(norm)
+        err[k] = float(np.sqrt(np.sum(w * w * np.where(ok, v, 0.0)))) / norm
     return flux, err
+
+
+def _matched_psf(diff, x: np.ndarray, y: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """The PSF of the matched new image, from its stars re-centred on their
+    positions (median of the shifted, normalised stamps): the transient in the
+    difference has it, whatever the kernel achieved. The difference's own PSF
+    (stamps of the broad image at integer peaks) when fewer than 3 stars fit."""
+    h = diff.psf.shape[0] // 2
+    image = diff.new_matched.astype(np.float64)
+    ny, nx = image.shape
+    stamps = []
+    for xs, ys in zip(x, y, strict=True):
+        ix, iy = round(float(xs)), round(float(ys))
+        if ix - h < 0 or iy - h < 0 or ix + h >= nx or iy + h >= ny:
+            continue
+        if valid is not None and not valid[iy - h : iy + h + 1, ix - h : ix + h + 1].all():
+            continue
+        st = ndimage.shift(
+            image[iy - h : iy + h + 1, ix - h : ix + h + 1], (iy - ys, ix - xs), order=3
+        )
+        total = st.sum()
+        if total > 0:
+            stamps.append(st / total)
+    if len(stamps) < 3:
+        return diff.psf
+    psf = np.median(stamps, axis=0)
+    return psf / psf.sum()
 
 
 @dataclass(frozen=True)
@@ -202,6 +236,7 @@ def difference_flux(
     kernel_min_peak_snr: float = 20.0,
     star_x: np.ndarray | None = None,
     star_y: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
     n_blank: int = 200,
     seed: int = 0,
 ) -> DifferenceFlux:
@@ -221,6 +256,9 @@ def difference_flux(
         (:func:`calib.difference.subtract_images`' ``min_peak_snr``).
     star_x, star_y : ndarray, optional
         Calibration stars in ``new``'s pixels.
+    valid : ndarray of bool, shape (ny, nx), optional
+        Where the reference covers ``new``: blank positions and stars are taken
+        there only (stars elsewhere get NaN).
     n_blank : int
         Random positions used to measure the difference's real noise.
     seed : int
@@ -237,25 +275,36 @@ def difference_flux(
     # (which subtract_images adds for detection near stars).
     var = diff.variance_ref.astype(np.float64) + diff.variance_new.astype(np.float64)
     d = diff.diff.astype(np.float64)
-    flux, err = forced_psf_flux(d, var, diff.psf, np.array([x]), np.array([y]))
+    sx = np.zeros(0) if star_x is None else np.asarray(star_x, np.float64)
+    sy = np.zeros(0) if star_y is None else np.asarray(star_y, np.float64)
+    psf = _matched_psf(diff, sx, sy, valid)
+    flux, err = forced_psf_flux(d, var, psf, np.array([x]), np.array([y]))
     rng = np.random.default_rng(seed)
     ny, nx = d.shape
     h = diff.psf.shape[0] // 2 + diff.kernel.shape[0] // 2 + 1
     bx = rng.uniform(h, nx - 1 - h, size=n_blank)
     by = rng.uniform(h, ny - 1 - h, size=n_blank)
-    # Blank: no bright structure in either image near the position.
+    # Blank: no bright structure in either image near the position, and covered.
     smooth = ndimage.uniform_filter(np.abs(diff.ref_matched), 5)
-    quiet = smooth[np.rint(by).astype(int), np.rint(bx).astype(int)] < 3.0 * np.sqrt(np.median(var))
-    bf, be = forced_psf_flux(d, var, diff.psf, bx[quiet], by[quiet])
+    iby, ibx = np.rint(by).astype(int), np.rint(bx).astype(int)
+    quiet = smooth[iby, ibx] < 3.0 * np.sqrt(np.median(var))
+    inside = np.ones(d.shape, bool)
+    if valid is not None:
+        inside = ndimage.binary_erosion(np.asarray(valid, bool), iterations=h)
+    quiet &= inside[iby, ibx]
+    bf, be = forced_psf_flux(d, var, psf, bx[quiet], by[quiet])
     ok = np.isfinite(bf)
     scale = 1.0
     if ok.sum() >= 20:
         z = bf[ok] / be[ok]
         scale = max(1.0, 1.4826 * float(np.median(np.abs(z - np.median(z)))))
-    sx = np.zeros(0) if star_x is None else np.asarray(star_x, np.float64)
-    sy = np.zeros(0) if star_y is None else np.asarray(star_y, np.float64)
     nvar = diff.variance_new.astype(np.float64)
-    sf, se = forced_psf_flux(diff.new_matched.astype(np.float64), nvar, diff.psf, sx, sy)
+    sf, se = forced_psf_flux(diff.new_matched.astype(np.float64), nvar, psf, sx, sy)
+    if valid is not None and len(sx):
+        ix = np.clip(np.rint(sx).astype(int), 0, nx - 1)
+        iy = np.clip(np.rint(sy).astype(int), 0, ny - 1)
+        out = ~inside[iy, ix]
+        sf[out], se[out] = np.nan, np.nan
     return DifferenceFlux(
         flux_e=float(flux[0]),
         flux_err_e=float(err[0] * scale),

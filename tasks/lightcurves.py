@@ -379,6 +379,16 @@ class _PieceData:
     flags: int = 0
 
 
+def _gradient(ub: xr.Dataset, row: int, fx: float, fy: float) -> float:
+    """The exposure's zero-point gradient term at a position, mag (ubercal's model:
+    ``m = m_inst + zp + dzp + g_x (x / nx - 1/2) + g_y (y / ny - 1/2)``)."""
+    if "gradient" not in ub:
+        return 0.0
+    g = ub.gradient.values[row]
+    value = float(g[0] * fx + g[1] * fy)
+    return value if np.isfinite(value) else 0.0
+
+
 def _alpha(exptime_s: float, zp: float, dzp: float) -> float:
     """e- per nJy: m = m_inst + zp + dzp and flux_njy = 10**(-0.4 (m - 31.4))."""
     return exptime_s * 10 ** (0.4 * (zp + dzp - AB_NJY_ZERO_POINT))
@@ -429,6 +439,7 @@ def _load_piece(
                 sf.evaluate(np.array([piece.quadrant]), np.array([piece.x]), np.array([piece.y]))[0]
             )
             dzp = 0.0 if not np.isfinite(dzp) else dzp
+        dzp += _gradient(ub, int(e[0]), piece.x / nx - 0.5, piece.y / ny - 0.5)
     sel = (cat.expid.values == epoch.expid) & (cat.quadrant.values == piece.quadrant)
     sel &= (
         (cat.x.values >= rx0) & (cat.x.values < rx1) & (cat.y.values >= ry0) & (cat.y.values < ry1)
@@ -919,22 +930,28 @@ def _forced(inputs, result: BandResult, usable, ref, origin, fit, config) -> Non
         ok = (s["flags"] == 0) & (s["snr"] >= config.calib_min_snr)
         key = str(result.epochs[pd.epoch].expid)
         try:
-            if not covered[round(yt) - y0, round(xt) - x0]:
-                raise ValueError("the reference does not cover the transient")
-            good = (pd.mask[y0:y1, x0:x1] == 0) & covered
+            # The difference is made on the part of the cutout the reference
+            # covers: a kernel fitted where one image is missing matches nothing.
+            cy, cx = _covered_box(covered, round(yt) - y0, round(xt) - x0)
+            masked = pd.mask[y0:y1, x0:x1] != 0
             df = difference_flux(
-                r * scale,
-                rv * scale**2,
-                np.where(good, new, r * scale),
-                new_var,
-                xt - x0,
-                yt - y0,
+                (r * scale)[cy, cx],
+                (rv * scale**2)[cy, cx],
+                np.where(masked, r * scale, new)[cy, cx],
+                new_var[cy, cx],
+                xt - x0 - cx.start,
+                yt - y0 - cy.start,
                 read_noise_e=pd.read_noise_e,
                 kernel_min_peak_snr=config.forced_kernel_snr,
-                star_x=s["x"][ok] - x0,
-                star_y=s["y"][ok] - y0,
+                star_x=s["x"][ok] - x0 - cx.start,
+                star_y=s["y"][ok] - y0 - cy.start,
+                valid=covered[cy, cx],
                 seed=int(result.epochs[pd.epoch].expid) % (2**31),
             )
+            if not np.isfinite(df.flux_e):
+                raise ValueError(
+                    "the transient is within the difference PSF's half-width of the quadrant edge"
+                )
         except ValueError as err:
             result.forced_flags[pd.epoch] |= FLAG_BITS["fit_failed"]
             result.attrs.setdefault("forced_failures", {})[key] = str(err)
@@ -960,6 +977,39 @@ def _forced(inputs, result: BandResult, usable, ref, origin, fit, config) -> Non
         "applied": config.flux_scale,
         "per_epoch_epochs": int(own.sum()),
     }
+
+
+def _covered_box(covered: np.ndarray, iy: int, ix: int) -> tuple[slice, slice]:
+    """The largest rows x columns box around (iy, ix) whose rows and columns are
+    (almost) fully covered; ValueError when the target is not covered."""
+    if not (0 <= iy < covered.shape[0] and 0 <= ix < covered.shape[1]) or not covered[iy, ix]:
+        raise ValueError("the reference does not cover the transient")
+    box = [slice(0, covered.shape[0]), slice(0, covered.shape[1])]
+    for _ in range(3):
+        sub = covered[box[0], box[1]]
+        rows = np.flatnonzero(sub.mean(axis=1) > 0.98) + box[0].start
+        cols = np.flatnonzero(sub.mean(axis=0) > 0.98) + box[1].start
+        rows = _run_around(rows, iy)
+        cols = _run_around(cols, ix)
+        if rows is None or cols is None:
+            raise ValueError("the reference covers too little around the transient")
+        box = [rows, cols]
+    if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 48:
+        raise ValueError("the reference covers less than 48 px around the transient")
+    return box[0], box[1]
+
+
+def _run_around(idx: np.ndarray, centre: int) -> slice | None:
+    """The run of consecutive indices containing ``centre``."""
+    if centre not in idx:
+        return None
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([[0], breaks + 1])
+    stops = np.concatenate([breaks + 1, [len(idx)]])
+    for a, b in zip(starts, stops, strict=True):
+        if idx[a] <= centre <= idx[b - 1]:
+            return slice(int(idx[a]), int(idx[b - 1]) + 1)
+    return None
 
 
 def _catalog_scale(ub: xr.Dataset, star_flux: dict[int, dict[int, tuple[float, float]]], n: int):
@@ -1041,7 +1091,8 @@ def measure_target(
         "config": config.model_dump(),
         "scene_options": config.scene_options().as_dict(),
         "flag_bits": FLAG_BITS,
-        "flux_convention": "flux_njy = 10**(-0.4 (m - 31.4)), m = m_inst + zp + dzp (ubercal)",
+        "flux_convention": "flux_njy = 10**(-0.4 (m - 31.4)), m = m_inst + zp + dzp "
+        "(+ the exposure gradient term when ubercal fitted one)",
         "inputs": {
             "nights": sorted({e.night for e in epochs}),
             "ubercal": [f"ubercal/{b}" for b in bands],
