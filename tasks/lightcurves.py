@@ -768,36 +768,24 @@ def _epochs_qa(epochs, owner, images, fit) -> dict[str, list]:
 def _calibration_stars(inputs, epochs, usable, config) -> FluxScale:
     """Fit the clean reference stars around the target with the same estimator
     (no galaxy) and compare with their ubercal magnitudes."""
-    band = epochs[0].band
-    ub = inputs.ubercal(band)
-    ids = ub.source_id.values
-    mag, mag_err = ub.star_mag.values, ub.star_mag_err.values
-    rejected = ub.star_rejected.values.astype(bool)
-    seen: dict[int, list[tuple[_PieceData, int]]] = {}
-    for pd in usable:
-        s = pd.stars
-        far = (
-            np.hypot(s["x"] - (pd.piece.x - pd.rx0), s["y"] - (pd.piece.y - pd.ry0))
-            > 4 * pd.fwhm_px
-        )
-        ok = (s["flags"] == 0) & (s["snr"] >= config.calib_min_snr) & far
-        for k in np.flatnonzero(ok):
-            seen.setdefault(int(s["source_id"][k]), []).append((pd, int(k)))
-    pos = np.searchsorted(ids, list(seen)) if len(ids) else np.zeros(0, int)
-    chosen = []
-    for (sid, rows), p in zip(seen.items(), pos, strict=True):
-        if p < len(ids) and ids[p] == sid and np.isfinite(mag[p]) and not rejected[p]:
-            snr = max(pd.stars["snr"][k] for pd, k in rows)
-            chosen.append((len({pd.epoch for pd, _ in rows}), snr, sid, p, rows))
-    chosen.sort(key=lambda c: (-c[0], -c[1]))
-    chosen = chosen[: config.calib_max_stars]
+    ub = inputs.ubercal(epochs[0].band)
+    seen = _star_images(usable, config)
+    known = _catalog_rows(ub, list(seen))
+    seen = {sid: rows for sid, rows in seen.items() if sid in known}
+    # Most epochs first, then the brightest.
+    chosen = sorted(
+        seen.items(),
+        key=lambda kv: (
+            -len({pd.epoch for pd, _ in kv[1]}),
+            -max(pd.stars["snr"][k] for pd, k in kv[1]),
+        ),
+    )[: config.calib_max_stars]
     n = len(epochs)
-    flux = np.full((len(chosen), n), np.nan)
-    err = np.full((len(chosen), n), np.nan)
     options = SceneFitOptions(
         galaxy=False, fit_position=True, position_min_snr=0.0, clip_sigma=config.clip_sigma
     )
-    for j, (_, _, _sid, _p, rows) in enumerate(chosen):
+    star_flux: dict[int, dict[int, tuple[float, float]]] = {}
+    for sid, rows in chosen:
         first, k0 = rows[0]
         # The star's frame: its first image's pixels; the WCS maps it to the others.
         at = (first.stars["x"][k0], first.stars["y"][k0])
@@ -815,10 +803,39 @@ def _calibration_stars(inputs, epochs, usable, config) -> FluxScale:
             fit = fit_scene(images, (0.0, 0.0), n_epochs=n, options=options)
         except ValueError:
             continue
-        flux[j], err[j] = fit.flux_njy, fit.flux_err_stat_njy
-    cat = np.array([10 ** (-0.4 * (mag[c[3]] - AB_NJY_ZERO_POINT)) for c in chosen])
-    cat_err = np.array([cat[j] * mag_err[c[3]] / _MAG_ERR for j, c in enumerate(chosen)])
-    return measure_flux_scale(flux, err, cat.reshape(-1), cat_err.reshape(-1))
+        ok = np.flatnonzero(np.isfinite(fit.flux_njy))
+        star_flux[sid] = {int(e): (fit.flux_njy[e], fit.flux_err_stat_njy[e]) for e in ok}
+    return _catalog_scale(ub, star_flux, n)
+
+
+def _star_images(usable, config) -> dict[int, list[tuple[_PieceData, int]]]:
+    """Clean stars of S/N >= calib_min_snr away from the target, by source_id:
+    (piece, catalog row) of every image they are in."""
+    seen: dict[int, list[tuple[_PieceData, int]]] = {}
+    for pd in usable:
+        s = pd.stars
+        dist = np.hypot(s["x"] - (pd.piece.x - pd.rx0), s["y"] - (pd.piece.y - pd.ry0))
+        ok = (s["flags"] == 0) & (s["snr"] >= config.calib_min_snr) & (dist > 4 * pd.fwhm_px)
+        for k in np.flatnonzero(ok):
+            seen.setdefault(int(s["source_id"][k]), []).append((pd, int(k)))
+    return seen
+
+
+def _catalog_rows(ub: xr.Dataset, source_ids) -> dict[int, int]:
+    """Row in ubercal/<band> of each usable calibration star (a magnitude, not
+    rejected as variable)."""
+    ids = ub.source_id.values
+    out = {}
+    for sid in source_ids:
+        p = int(np.searchsorted(ids, sid)) if len(ids) else 0
+        if (
+            p < len(ids)
+            and ids[p] == sid
+            and np.isfinite(ub.star_mag.values[p])
+            and not bool(ub.star_rejected.values[p])
+        ):
+            out[int(sid)] = p
+    return out
 
 
 def _star_map(first: _PieceData, at: tuple[float, float], pd: _PieceData) -> AffineMap:
@@ -1014,26 +1031,16 @@ def _run_around(idx: np.ndarray, centre: int) -> slice | None:
 
 def _catalog_scale(ub: xr.Dataset, star_flux: dict[int, dict[int, tuple[float, float]]], n: int):
     """measure_flux_scale on {source_id: {epoch: (flux, err)}} against ubercal."""
-    ids = ub.source_id.values
-    rows = [(sid, int(np.searchsorted(ids, sid))) for sid in star_flux]
-    rows = [
-        (sid, p)
-        for sid, p in rows
-        if p < len(ids)
-        and ids[p] == sid
-        and np.isfinite(ub.star_mag.values[p])
-        and not bool(ub.star_rejected.values[p])
-    ]
+    rows = list(_catalog_rows(ub, list(star_flux)).items())
     flux = np.full((len(rows), n), np.nan)
     err = np.full((len(rows), n), np.nan)
-    cat = np.array([10 ** (-0.4 * (ub.star_mag.values[p] - AB_NJY_ZERO_POINT)) for _, p in rows])
-    cat_err = np.array(
-        [c * ub.star_mag_err.values[p] / _MAG_ERR for c, (_, p) in zip(cat, rows, strict=True)]
-    )
+    mag = np.array([ub.star_mag.values[p] for _, p in rows])
+    cat = 10 ** (-0.4 * (mag - AB_NJY_ZERO_POINT))
+    cat_err = cat * np.array([ub.star_mag_err.values[p] for _, p in rows]) / _MAG_ERR
     for j, (sid, _) in enumerate(rows):
         for e, (f, fe) in star_flux[sid].items():
             flux[j, e], err[j, e] = f, fe
-    return measure_flux_scale(flux, err, cat.reshape(-1), cat_err.reshape(-1))
+    return measure_flux_scale(flux, err, cat, cat_err)
 
 
 # --- the whole target ----------------------------------------------------------------------
