@@ -223,6 +223,7 @@ def run_synthetic(fields_per_host: int, n_epochs: int, seed0: int):
     out = {"smp": [], "forced": []}
     t_smp = t_forced = 0.0
     n_target_epochs = 0
+    examples = []
     for h, host in enumerate(HOSTS):
         for k in range(fields_per_host):
             cfg = SceneEpochsConfig(
@@ -241,11 +242,14 @@ def run_synthetic(fields_per_host: int, n_epochs: int, seed0: int):
             ff, fe = forced(epochs, cfg.read_noise_e)
             t_forced += time.process_time() - t0
             n_target_epochs += n_epochs
+            if k == 0:
+                examples.append((host, sb, np.arange(n_epochs), truth, f, e, ff, fe))
             snr = truth / e
             for i in range(n_epochs):
                 out["smp"].append((truth[i], f[i], e[i], snr[i], sb))
                 out["forced"].append((truth[i], ff[i], fe[i], snr[i], sb))
             print(f"  host {host:4.1f} (SB {sb:4.1f}) field {k}: done", flush=True)
+    out["examples"] = examples
     return out, t_smp / n_target_epochs, t_forced / n_target_epochs, len(HOSTS) * fields_per_host
 
 
@@ -315,6 +319,51 @@ def _tables(out, title):
             print(_row(_summary(sel, f"{label} S/N {lo}-{hi if hi < 1e9 else 'up'}")))
 
 
+def plot(out, path: str) -> None:
+    """Example light curves (faint, middle and bright host) and bias against the
+    host's surface brightness, both methods: one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ex = out["examples"]
+    picks = [ex[0], ex[len(ex) // 2], ex[-1]]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (host, sb, t, truth, f, e, ff, fe) in zip(axes[:3], picks, strict=True):
+        t = np.asarray(t)
+        ax.plot(t, truth / 1e3, "k-", lw=1, label="truth")
+        ax.errorbar(t - 0.1, f / 1e3, e / 1e3, fmt="o", ms=3, label="scene model")
+        ax.errorbar(
+            t + 0.1, ff / 1e3, fe / 1e3, fmt="s", ms=3, alpha=0.7, label="difference images"
+        )
+        ax.axvspan(-0.5, N_BASELINE - 0.5, color="0.9", zorder=0)
+        ax.set_title(
+            f"host {host:.1f} mag, {sb:.1f} mag/arcsec$^2$ under the transient", fontsize=9
+        )
+        ax.set_xlabel("epoch (grey: baseline)")
+        ax.set_ylabel("flux [$\\mu$Jy]")
+    axes[0].legend(fontsize=8)
+    ax = axes[3]
+    sbs = sorted({r[4] for r in out["smp"]})
+    for key, label, dx in (("smp", "scene model", -0.1), ("forced", "difference images", 0.1)):
+        st = [_summary([r for r in out[key] if r[4] == sb], label) for sb in sbs]
+        ax.errorbar(
+            np.array(sbs) + dx,
+            [100 * s["bias"] for s in st],
+            [100 * s["bias_err"] for s in st],
+            fmt="o-",
+            label=label,
+        )
+    ax.axhspan(-1, 1, color="0.9", zorder=0)
+    ax.axvline(20.9, color="0.5", ls=":", lw=1)
+    ax.set_xlabel("host SB under the transient [mag/arcsec$^2$]; dotted: sky")
+    ax.set_ylabel("bias at S/N >= 20 [%]")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fields", type=int, default=4, help="fields per host brightness")
@@ -322,11 +371,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--pipeline", action="store_true", help="also run the stage end to end")
     p.add_argument("--quick", action="store_true", help="1 field per host, 16 epochs")
+    p.add_argument("--plot", help="write the example light curves and bias figure (PNG)")
     args = p.parse_args(argv)
     fields, epochs = (1, 16) if args.quick else (args.fields, args.epochs)
     print(f"synthetic fields: {len(HOSTS)} host brightnesses x {fields}, {epochs} epochs each")
     out, t_smp, t_forced, n_targets = run_synthetic(fields, epochs, args.seed)
     _tables(out, "1. Synthetic fields (PSFs measured, scales known)")
+    if args.plot:
+        plot(out, args.plot)
     print(
         f"\nCPU per target-epoch: scene model {t_smp:.3f} s, difference images {t_forced:.3f} s "
         f"(ratio {t_smp / t_forced:.2f})"
