@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write one damaged raw file of each kind under raw/damaged/",
     )
+    p.add_argument(
+        "--transients",
+        type=_positive,
+        default=None,
+        help="add N transients with light curves in host galaxies (truth in truth.zarr, "
+        "targets in OUT/targets.ecsv); without it the preset is unchanged",
+    )
 
     p = sub.add_parser("run", help="run pipeline stages through the Prefect flow")
     p.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
@@ -101,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_stages,
         default=None,
         help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal,"
-        "train,score,transients (default: the per-night stages, index to photometry)",
+        "lightcurves,train,score,transients (default: the per-night stages, index to "
+        "photometry)",
+    )
+    p.add_argument(
+        "--targets",
+        type=Path,
+        help="targets table (ECSV, CSV or FITS: name, ra, dec [deg], optional "
+        "no_flux_before/no_flux_after [MJD]); needed by 'lightcurves'",
     )
     p.add_argument(
         "--checkpoint",
@@ -201,7 +215,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.survey import Survey
     from tasks.simulate import simulate_survey
 
-    cfg = make_config(args.preset, seed=args.seed, nights=args.nights, domain=args.domain)
+    cfg = make_config(
+        args.preset,
+        seed=args.seed,
+        nights=args.nights,
+        domain=args.domain,
+        transients=args.transients,
+    )
     progress, advance = _progress_bar(len(Survey(cfg).exposures), "rendering exposures")
     with progress:
         res = simulate_survey(
@@ -214,6 +234,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"  raw:    {res.raw}")
     print(f"  refcat: {res.refcat} ({res.n_refcat} stars)")
     print(f"  truth:  {res.truth}")
+    if res.targets is not None:
+        print(f"  targets: {res.targets}")
     for kind, path in res.bad_files.items():
         print(f"  damaged ({kind}): {path}")
     return 0
@@ -235,6 +257,7 @@ def run_pipeline(
     keep_reduced: bool = False,
     checkpoint: str | None = None,
     config: PhotocalConfig | None = None,
+    targets: str | None = None,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
@@ -261,6 +284,7 @@ def run_pipeline(
             refcat=refcat,
             checkpoint=checkpoint,
             config=resolved.as_dict(),
+            targets=targets,
         )
 
 
@@ -286,6 +310,14 @@ def print_summary(summary: dict) -> None:
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"  nights/{night}/catalog: {parts}")
+    for name, lc in (summary.get("lightcurves") or {}).items():
+        fit = ", ".join(
+            f"{b} chi2/dof {r['chi2_dof']:.2f}"
+            if r.get("chi2_dof") is not None
+            else f"{b} {r['error']}"
+            for b, r in lc["bands"].items()
+        )
+        print(f"  lightcurves/{name}: {lc['measured']} of {lc['epochs']} epochs measured ({fit})")
     zp = summary.get("zp") or {}
     if "train" in zp:
         m = zp["train"]["metrics"]
@@ -341,6 +373,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if "lightcurves" in stages and args.targets is None:
+        print("photocal run: --targets is required for the lightcurves stage", file=sys.stderr)
+        return 2
     from flows.runners import parse_cluster_options
 
     try:
@@ -365,6 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             keep_reduced=args.keep_reduced,
             checkpoint=args.checkpoint,
             config=config,
+            targets=None if args.targets is None else str(args.targets),
         )
     except MissingInputError as err:
         if err.summary is not None:

@@ -23,6 +23,7 @@ from tasks.inputs import (
     raise_for_missing,
     unbuilt_masters,
 )
+from tasks.lightcurves import LightcurveConfig, lightcurve_task, plan_lightcurves_task
 from tasks.masters import MastersConfig, has_master, period_label
 from tasks.reduce import PhotometryConfig, ReduceConfig, check_refcat_task
 from tasks.reports import night_report_task
@@ -50,6 +51,7 @@ StageName = Literal[
     "reduce",
     "photometry",
     "ubercal",
+    "lightcurves",
     "train",
     "score",
     "transients",
@@ -82,6 +84,8 @@ def photocal_run(
     overwrite: bool = True,
     config: str | dict[str, Any] | None = None,
     strict_nights: bool = True,
+    targets: str | None = None,
+    lightcurves: LightcurveConfig | None = None,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
 
@@ -176,6 +180,12 @@ def photocal_run(
         for band in bands:
             config_b = cfg.build("ubercal", band=band, first_night=first, last_night=last)
             summary["ubercal"][band] = ubercal_task.submit(store, refcat, config_b).result()
+    if "lightcurves" in stages:
+        if targets is None:
+            raise ValueError("the lightcurves stage needs the targets table (--targets)")
+        summary["lightcurves"] = _lightcurves_stage(
+            store, targets, nights, lightcurves or cfg["lightcurves"]
+        )
     if "train" in stages or "score" in stages:
         if refcat is None:
             raise ValueError("the train and score stages need the reference catalog (--refcat)")
@@ -256,3 +266,13 @@ def _transients_stage(
         for night, parts in scored.items()
     }
     return {"nights": out, "gpu_workers": gpus}
+
+
+def _lightcurves_stage(
+    store: str, targets: str, nights: list[str] | None, config: LightcurveConfig
+) -> dict[str, Any]:
+    """One task per target: scene-model and difference-image light curves
+    (``lightcurves/<name>``, ``lightcurves_forced/<name>``)."""
+    planned = plan_lightcurves_task(store, targets, nights)
+    done = lightcurve_task.map(unmapped(store), planned, unmapped(config))
+    return {t.name: r for (t, _), r in zip(planned, done.result(), strict=True)}

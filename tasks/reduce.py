@@ -41,6 +41,7 @@ from ml.zp_features import centre_crop
 from tasks.config import StageConfig
 from tasks.io.provenance import provenance
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
+from tasks.io.reduced import KeptQuadrant, keep_quadrant, write_reduced
 from tasks.io.store import StoreError, list_groups, read_group, write_group
 from tasks.logs import run_logger
 from tasks.resume import resumable
@@ -232,8 +233,9 @@ class ExposureResult:
         Its row of the exposures group, with per-quadrant QA under ``quadrants``.
     path : str
         The raw file.
-    reduced : dict of int to ndarray, optional
-        Fluence images (y, x) by quadrant, only with ``keep_reduced``.
+    reduced : dict of int to KeptQuadrant, optional
+        Fluence, variance, mask and WCS by quadrant, only with ``keep_reduced``
+        (tasks/io/reduced.py).
     patch : ndarray, shape (patch_px, patch_px), e-/s, optional
         The centre of the lowest-numbered quadrant's fluence image over the
         exposure time (the zero-point network's image input); smaller when the
@@ -243,7 +245,7 @@ class ExposureResult:
     catalog: xr.Dataset
     row: dict[str, Any]
     path: str
-    reduced: dict[int, np.ndarray] | None = None
+    reduced: dict[int, KeptQuadrant] | None = None
     patch: np.ndarray | None = None
 
 
@@ -268,7 +270,7 @@ def photometer_exposure(
     rc, pc = reduce_config, photometry_config
     parts: list[tuple[int, QuadrantPhotometry, np.ndarray]] = []
     qa: dict[int, dict[str, float]] = {}
-    kept: dict[int, np.ndarray] = {}
+    kept: dict[int, KeptQuadrant] = {}
     patch_of: tuple[int, np.ndarray] | None = None
     shape = (0, 0)
     for frame in read_quadrants(path):
@@ -318,7 +320,7 @@ def photometer_exposure(
             reduced, phot, x[phot.index], y[phot.index], detect=pc.qa_detection
         ).as_row()
         if rc.keep_reduced:
-            kept[q] = _fluence_image(reduced)
+            kept[q] = keep_quadrant(reduced, frame.wcs)
         if patch_of is None or q < patch_of[0]:
             patch_of = (q, _patch_e_s(reduced, rc.patch_px, header.exptime_s))
     corrections = apply_aperture_corrections(
@@ -358,10 +360,6 @@ def photometer_exposure(
         reduced=kept or None,
         patch=None if patch_of is None else patch_of[1],
     )
-
-
-def _fluence_image(reduced: ReducedQuadrant) -> np.ndarray:
-    return (reduced.surface_brightness * reduced.pixel_area).astype(np.float32)
 
 
 def _patch_e_s(reduced: ReducedQuadrant, size: int, exptime_s: float) -> np.ndarray:
@@ -604,13 +602,7 @@ def write_night(
     if reduce_config.keep_reduced:
         for r in results:
             if r.reduced:
-                qs = sorted(r.reduced)
-                ds = xr.Dataset(
-                    {"fluence": (("quadrant", "y", "x"), np.stack([r.reduced[q] for q in qs]))},
-                    coords={"quadrant": np.array(qs, dtype=np.int64)},
-                    attrs={"units": "e- (fluence, not background-subtracted)"},
-                )
-                write_group(store, f"nights/{night}/reduced/{r.row['expid']}", ds, attrs=attrs)
+                write_reduced(store, night, r.row["expid"], r.reduced, attrs=attrs)
     return {
         "exposures": int(exposures.sizes["exposure"]),
         "observations": int(catalog.sizes["obs"]),
