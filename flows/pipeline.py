@@ -23,6 +23,7 @@ from tasks.inputs import (
     raise_for_missing,
     unbuilt_masters,
 )
+from tasks.io import groups
 from tasks.masters import MastersConfig, has_master, period_label
 from tasks.reduce import PhotometryConfig, ReduceConfig, check_refcat_task
 from tasks.reports import night_report_task
@@ -126,8 +127,8 @@ def photocal_run(
         validated = validate_files_task.map(unmapped(raw), chunks, unmapped(index))
         by_night = group_by_night_task(validated, nights)
         if not overwrite:
-            done = [n for n in by_night if has_master(store, f"index/{n}")]
-            summary["skipped"] += [f"index/{n}" for n in done]
+            done = [n for n in by_night if has_master(store, groups.index(n))]
+            summary["skipped"] += [groups.index(n) for n in done]
             by_night = {n: rows for n, rows in by_night.items() if n not in done}
         written = write_index_task.map(
             unmapped(store), list(by_night), unmapped(raw), list(by_night.values()), unmapped(index)

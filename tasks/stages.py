@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from prefect import unmapped
 
 from tasks.index import indexed_nights_task
+from tasks.io import groups
 from tasks.masters import (
     MastersConfig,
     begin_master_task,
@@ -89,7 +90,7 @@ def masters_stage(
     reference = reference_period(store, plans, config)
     for plan in plans:
         chunks = quadrant_chunks(plan, config)
-        group = f"masters/bias/{plan.period}"
+        group = groups.bias(plan.period)
         ref = None if reference == plan.period else reference
         if overwrite or not has_master(store, group):
             staging = run.one(begin_master_task, store, group, plan, None)
@@ -101,7 +102,7 @@ def masters_stage(
         else:
             skipped.append(group)
         for band in plan.flats:
-            group = f"masters/flat/{band}/{plan.period}"
+            group = groups.flat(band, plan.period)
             if not overwrite and has_master(store, group):
                 skipped.append(group)
                 continue
@@ -136,7 +137,7 @@ def photometry_stage(
     skipped = skipped if skipped is not None else []
     out: dict[str, Any] = {}
     for night in run.one(indexed_nights_task, store, nights):
-        group = f"nights/{night}/catalog"
+        group = groups.catalog(night)
         if not overwrite and has_master(store, group):
             skipped.append(group)
             continue
