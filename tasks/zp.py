@@ -48,6 +48,7 @@ from tasks.io.store import (
     read_group,
     write_group,
 )
+from tasks.progress import emit
 
 
 def features_from_simulation(
@@ -282,9 +283,17 @@ def train_zp(
     is_train, is_val, is_test = split_by_night(data.night, seed=config.seed)
     model_config = AZPRCConfig(patch_px=config.patch_px, cnn_channels=config.cnn_channels)
     train_config = TrainConfig(epochs=config.epochs, dann_alpha=config.dann_alpha, seed=config.seed)
+    epochs = train_config.epochs
+
+    def report(epoch: int) -> None:
+        emit("train", "zero-point network", epoch + 1, epochs, "epochs")
+
     trained = train_zp_network(
-        model_config, data.select(is_train), data.select(is_val), train_config
+        model_config, data.select(is_train), data.select(is_val), train_config, on_epoch=report
     )
+    # Early stopping ends before the last epoch: the bar ends where training did.
+    ran = len(trained.history) - 1
+    emit("train", "zero-point network", ran, ran, "epochs")
     test = data.select(is_test)
     pred, sigma = predict(trained.model, test)
     answered = np.isfinite(test.catalog_zp_mag)  # the classical needs >= 3 stars
