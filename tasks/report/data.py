@@ -297,12 +297,14 @@ def night_masters(store: str | os.PathLike, night: str) -> tuple[Master, ...]:
     """The master bias and flats of the night: those its exposures were reduced
     with, else the ones of the period containing it."""
     used: dict[str, set[str]] = {"bias": set(), "flat": set()}
-    if _has_exposures(store, night):
-        exposures = read_group(store, groups.exposures(night))
-        used["bias"] = {str(p) for p in exposures.bias_period.values}
+    exposures = read_group(store, groups.exposures(night)) if _has_exposures(store, night) else None
+    if exposures is not None and "bias_period" in exposures:
+        # Ingested photometry names no masters ("").
+        used["bias"] = {str(p) for p in exposures.bias_period.values if str(p)}
         used["flat"] = {
             f"{b}/{p}"
             for b, p in zip(exposures.band.values, exposures.flat_period.values, strict=True)
+            if str(p)
         }
     else:
         period = _period_of(list_groups(store, groups.BIAS), night)
@@ -455,7 +457,11 @@ def night_zeropoints(store: str | os.PathLike, night: str) -> ExposureZeroPoints
     exp = read_group(store, groups.exposures(night)).sortby("expid")
     expid = exp.expid.values.astype(np.int64)
     bands = np.array([str(b) for b in exp.band.values])
-    classic, classic_err = _mean_over_quadrants(exp.zp_classic.values, exp.zp_classic_err.values)
+    nan = np.full((len(expid), 1), np.nan)
+    classic, classic_err = _mean_over_quadrants(
+        exp.zp_classic.values if "zp_classic" in exp else nan,
+        exp.zp_classic_err.values if "zp_classic_err" in exp else nan,
+    )
     ubercal = np.full(len(expid), np.nan)
     ubercal_err = np.full(len(expid), np.nan)
     for band in sorted(set(bands)):
@@ -483,7 +489,7 @@ def night_zeropoints(store: str | os.PathLike, night: str) -> ExposureZeroPoints
         expid=expid,
         band=bands,
         mjd=exp.mjd.values.astype(float),
-        airmass=exp.airmass.values.astype(float),
+        airmass=exp.airmass.values.astype(float) if "airmass" in exp else nan[:, 0],
         ubercal=ubercal,
         ubercal_err=ubercal_err,
         classic=classic,
