@@ -58,6 +58,17 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_nights(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--night",
+        dest="nights",
+        action="append",
+        type=_night,
+        metavar="YYYY-MM-DD",
+        help=help_text,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="photocal", description="Nightly photometric calibration of a wide-field survey."
@@ -110,14 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference catalog (FITS or ECSV); needed by reduce, photometry, ubercal, "
         "train and score",
     )
-    p.add_argument(
-        "--night",
-        dest="nights",
-        action="append",
-        type=_night,
-        metavar="YYYY-MM-DD",
-        help="observing night by its evening date, YYYY-MM-DD (repeatable; default: all found)",
-    )
+    _add_nights(p, "observing night by its evening date (repeatable; default: all found)")
     p.add_argument(
         "--stages",
         type=_stages,
@@ -190,14 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("store", help="Zarr store path or fsspec URL")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
-    p.add_argument(
-        "--night",
-        dest="nights",
-        action="append",
-        type=_night,
-        metavar="YYYY-MM-DD",
-        help="night to report, by its evening date (repeatable; default: every night)",
-    )
+    _add_nights(p, "night to report, by its evening date (repeatable; default: every night)")
 
     p = sub.add_parser(
         "serve",

@@ -86,9 +86,12 @@ def _publish(settings: PhotocalSettings, nights: list[str], summary: dict[str, A
     publish_reports(
         settings.store, wanted, summary, report_dir=report_dir, base_url=settings.report_url
     )
+    logger = get_run_logger()
+    if summary.get("skipped"):
+        logger.info("kept, already complete: %s", ", ".join(summary["skipped"]))
     missing = sorted(set(nights) - have - {UNKNOWN_NIGHT})
     if missing:
-        get_run_logger().warning(
+        logger.warning(
             "no raw files or groups for %d night(s): %s", len(missing), ", ".join(missing)
         )
 

@@ -3,6 +3,7 @@ and worker, and the deployments of infra/prefect.yaml (``photocal serve``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -121,6 +122,7 @@ def local_stack(
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),
     }
+    log_files = contextlib.ExitStack()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -135,7 +137,7 @@ def local_stack(
         ],
         cwd=REPO,
         env=server_env,
-        stdout=(logs / "server.log").open("w"),
+        stdout=log_files.enter_context((logs / "server.log").open("w")),
         stderr=subprocess.STDOUT,
     )
     worker = None
@@ -150,7 +152,7 @@ def local_stack(
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
                 cwd=REPO,
                 env=full_env,
-                stdout=(logs / "worker.log").open("w"),
+                stdout=log_files.enter_context((logs / "worker.log").open("w")),
                 stderr=subprocess.STDOUT,
             )
         yield Stack(api_url=api_url, server=server, worker=worker, env=full_env)
@@ -162,3 +164,4 @@ def local_stack(
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        log_files.close()

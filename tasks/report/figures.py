@@ -172,49 +172,41 @@ def _note_left_out(ax, n: int) -> None:
         )
 
 
+def _series(zp: ExposureZeroPoints) -> list[tuple[str, np.ndarray, np.ndarray, str, bool]]:
+    """(name, zero points, errors, marker, filled) of each estimate."""
+    return [
+        ("ubercal", zp.ubercal, zp.ubercal_err, "o", True),
+        ("classical", zp.classic, zp.classic_err, "s", False),
+        ("network", zp.network, zp.network_err, "x", True),
+    ]
+
+
 def zero_points(zp: ExposureZeroPoints) -> bytes:
     """Zero point per exposure against time and airmass: ubercal, classical and
     network side by side, one colour per band."""
     hours, zero = _hours(zp.mjd)
     with _figure(ncols=2, width=5.4, height=4.0) as (fig, (ax_t, ax_a)):
-        for band in sorted(set(zp.band)):
-            b = zp.band == band
-            for ax, x in ((ax_t, hours), (ax_a, zp.airmass)):
-                _errorbars(
-                    ax,
-                    x[b],
-                    zp.ubercal[b],
-                    zp.ubercal_err[b],
-                    band=band,
-                    marker="o",
-                    label=f"{band} ubercal",
-                )
-                _errorbars(
-                    ax,
-                    x[b],
-                    zp.classic[b],
-                    zp.classic_err[b],
-                    band=band,
-                    marker="s",
-                    label=f"{band} classical",
-                    filled=False,
-                )
-                _errorbars(
-                    ax,
-                    x[b],
-                    zp.network[b],
-                    zp.network_err[b],
-                    band=band,
-                    marker="x",
-                    label=f"{band} network",
-                )
+        for ax, x in ((ax_t, hours), (ax_a, zp.airmass)):
+            left_out = 0
+            for band in sorted(set(zp.band)):
+                b = zp.band == band
+                for name, y, err, marker, filled in _series(zp):
+                    left_out += _errorbars(
+                        ax,
+                        x[b],
+                        y[b],
+                        err[b],
+                        band=band,
+                        marker=marker,
+                        label=f"{band} {name}",
+                        filled=filled,
+                        max_err=MAX_ERR_MAG,
+                    )
+            _note_left_out(ax, left_out)
+            ax.set_ylabel("zero point [mag]  (m = m_inst + zp)")
         ax_t.set_xlabel(f"time [h UTC since MJD {zero:.0f}.0]")
         ax_a.set_xlabel("airmass")
-        for ax in (ax_t, ax_a):
-            ax.set_ylabel("zero point [mag]  (m = m_inst + zp)")
-        handles, labels = ax_t.get_legend_handles_labels()
-        if handles:
-            _legend(ax_a, handles, labels, fontsize=7, ncol=2)
+        _legend(ax_a, *ax_t.get_legend_handles_labels(), fontsize=7, ncol=2)
         fig.suptitle("zero point of each exposure (mean over its quadrants)")
         return _png(fig)
 
@@ -223,42 +215,35 @@ def network_vs_ubercal(zp: ExposureZeroPoints) -> bytes:
     """The network's (and the classical) zero point minus ubercal's per exposure,
     against time, and their histogram."""
     hours, zero = _hours(zp.mjd)
-    net = (zp.network - zp.ubercal) * MMAG
-    cla = (zp.classic - zp.ubercal) * MMAG
     with _figure(ncols=2, width=5.4, height=3.8) as (fig, (ax_t, ax_h)):
-        for band in sorted(set(zp.band)):
-            b = zp.band == band
-            _errorbars(
-                ax_t,
-                hours[b],
-                net[b],
-                zp.network_err[b] * MMAG,
-                band=band,
-                marker="x",
-                label=f"{band} network - ubercal",
-            )
-            _errorbars(
-                ax_t,
-                hours[b],
-                cla[b],
-                zp.classic_err[b] * MMAG,
-                band=band,
-                marker="s",
-                label=f"{band} classical - ubercal",
-                filled=False,
-            )
+        left_out, kept = 0, {}
+        for name, y, err, marker, filled in _series(zp)[1:]:
+            diff = (y - zp.ubercal) * MMAG
+            for band in sorted(set(zp.band)):
+                b = zp.band == band
+                left_out += _errorbars(
+                    ax_t,
+                    hours[b],
+                    diff[b],
+                    err[b] * MMAG,
+                    band=band,
+                    marker=marker,
+                    label=f"{band} {name} - ubercal",
+                    filled=filled,
+                    max_err=MAX_ERR_MAG * MMAG,
+                )
+            kept[name] = diff[np.isfinite(diff) & ~(err > MAX_ERR_MAG)]
+        _note_left_out(ax_t, left_out)
         ax_t.axhline(0, color="0.6", lw=0.8)
         ax_t.set_xlabel(f"time [h UTC since MJD {zero:.0f}.0]")
         ax_t.set_ylabel("zero point - ubercal [mmag]")
         _legend(ax_t, fontsize=7)
-        finite = [v[np.isfinite(v)] for v in (net, cla)]
-        allv = np.concatenate(finite)
-        if allv.size:
-            edges = np.histogram_bin_edges(allv, bins=min(30, max(5, allv.size // 2)))
-            ax_h.hist(finite[0], bins=edges, histtype="step", color="k", label="network")
-            ax_h.hist(
-                finite[1], bins=edges, histtype="step", color="tab:blue", ls="--", label="classical"
-            )
+        values = np.concatenate(list(kept.values()))
+        if values.size:
+            edges = np.histogram_bin_edges(values, bins=min(30, max(5, values.size // 2)))
+            for (name, v), style in zip(kept.items(), ("--", "-"), strict=True):
+                if v.size:
+                    ax_h.hist(v, bins=edges, histtype="step", ls=style, label=name)
             _legend(ax_h, fontsize=7)
         ax_h.set_xlabel("zero point - ubercal [mmag]")
         ax_h.set_ylabel("exposures")

@@ -11,11 +11,12 @@ import pytest
 
 from flows.cli import main
 from tasks.io.store import list_groups, read_group
+from tasks.progress import listening
 
 pytestmark = pytest.mark.integration
 
 
-def test_photocal_run_all_stages_then_resume(tiny_survey, tmp_path, capsys):
+def test_photocal_run_all_stages_then_resume(tiny_survey, tmp_path, capfd):
     store = tmp_path / "photocal.zarr"
     argv = [
         "run",
@@ -28,8 +29,16 @@ def test_photocal_run_all_stages_then_resume(tiny_survey, tmp_path, capsys):
         "--workers",
         "2",
     ]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+    events = []
+    with listening(events.append):
+        assert main(argv) == 0
+    captured = capfd.readouterr()
+    out = captured.out
+    # The console carries the summary only: no per-task lines, no warnings
+    # (worker processes included: capfd reads the file descriptors).
+    assert "Task run" not in out + captured.err
+    assert "Warning" not in captured.err, captured.err
+    assert len((out + captured.err).splitlines()) < 25
     assert "rejected files (5)" in out
     assert "masters/bias/2026-03-05" in out
     nights = [n for n in list_groups(store, "index") if n != "unknown-night"]
@@ -50,11 +59,16 @@ def test_photocal_run_all_stages_then_resume(tiny_survey, tmp_path, capsys):
         } <= set(cat.data_vars) | set(cat.coords)
         assert cat.sizes["obs"] > 100
         assert f"nights/{night}/catalog" in out
+    # Progress came for every stage run: index chunks, each master, each night.
+    finished = {(e.stage, e.label) for e in events if e.done == e.total}
+    assert ("masters", "masters/bias/2026-03-05") in finished
+    assert {("photometry", n) for n in nights} <= finished
+    assert any(stage == "index" for stage, _ in finished)
     assert main([*argv, "--no-overwrite"]) == 0
-    again = capsys.readouterr().out
+    again = capfd.readouterr().out
     assert "kept (already complete)" in again
     assert "nights/2026-03-10/catalog" in again.split("kept (already complete):")[1]
-    _train_and_score(tiny_survey, store, tmp_path, capsys)
+    _train_and_score(tiny_survey, store, tmp_path, capfd)
 
 
 def test_photocal_run_refuses_photometry_without_refcat(tmp_path, capsys):
@@ -74,8 +88,15 @@ def _train_and_score(tiny_survey, store, tmp_path, capsys):
     )
     checkpoint = tmp_path / "models" / "azprc"
     argv = ["run", *common, "--stages", "train,score", "--zp-config", str(config)]
-    assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
-    out = capsys.readouterr().out
+    events = []
+    with listening(events.append, remote=True):
+        assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    # Training runs on a Dask worker: its epochs reach this process.
+    epochs = [e.done for e in events if e.stage == "train"]
+    assert epochs[:3] == [1, 2, 3]
+    assert "Warning" not in captured.err, captured.err
     assert f"zero-point network -> {checkpoint}" in out
     card = json.loads((checkpoint / "model_card.json").read_text())
     assert {"data_sha256", "code_revision", "metrics_test_mag", "model_config"} <= set(card)
