@@ -117,8 +117,11 @@ def forward_from_workers() -> Iterator[None]:
         yield
         return
 
+    fields = {f.name for f in dataclasses.fields(Progress)}
+
     def handler(event: tuple[float, dict[str, Any]]) -> None:
-        _deliver(Progress(**event[1]), remote=True)
+        # Dask adds the emitting worker's address to the message.
+        _deliver(Progress(**{k: v for k, v in event[1].items() if k in fields}), remote=True)
 
     client.subscribe_topic(TOPIC, handler)
     try:
