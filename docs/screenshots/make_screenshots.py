@@ -84,7 +84,7 @@ def ui_pages(browser: Browser, work: Path, survey) -> None:
             _click_text(tall, "Artifacts")
             tall.wait_for("document.body.innerText.includes('night-2026-03-10')")
             time.sleep(2)
-            tall.screenshot(HERE / "run-artifacts.png", full_page=False)
+            tall.screenshot(HERE / "run-artifacts.png", full_page=False, height=1000)
             _click_text(tall, "night-2026-03-10")
             tall.wait_for("document.images.length > 0 && document.images[0].complete")
             time.sleep(2)

@@ -10,8 +10,18 @@ from collections.abc import Sequence
 from tasks.report.sections import Block, Figure, Link, Section, Table
 
 
+def _text(text: str) -> str:
+    """Markdown text: ``<night>`` would be read as an HTML tag and dropped, so
+    angle brackets outside `code` spans become entities."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
+
+
 def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A table cell or caption on one line."""
+    return _text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _cell(value: str | Link) -> str:
@@ -41,7 +51,7 @@ def _block(b: Block) -> str:
         return table(b)
     if isinstance(b, Figure):
         return figure(b)
-    return b
+    return _text(b)
 
 
 def render(title: str, sections: Sequence[Section], *, intro: Sequence[Block] = ()) -> str:

@@ -162,11 +162,14 @@ class Browser:
             timeout_s=timeout_s,
         )
 
-    def screenshot(self, path: str | os.PathLike, *, full_page: bool = True) -> Path:
-        """A PNG of the page (all of it with ``full_page``)."""
+    def screenshot(
+        self, path: str | os.PathLike, *, full_page: bool = True, height: int | None = None
+    ) -> Path:
+        """A PNG of the page (all of it with ``full_page``), or its top ``height`` pixels."""
         params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page}
-        if full_page:
-            height = int(self.evaluate("document.documentElement.scrollHeight"))
+        if full_page or height:
+            if height is None:
+                height = int(self.evaluate("document.documentElement.scrollHeight"))
             params["clip"] = {"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1}
         data = self.send("Page.captureScreenshot", **params)["data"]
         out = Path(path)
