@@ -29,6 +29,10 @@ QUIET_ENV = {
     # go to; without this Prefect warns about each of them on the console.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "DASK_LOGGING__DISTRIBUTED": "error",
+    # torch prints its own log records (e.g. the ONNX exporter's "torchvision is
+    # not installed") to stderr from its own handlers, past Prefect's: errors only.
+    # These records do not reach the API; --verbose shows them.
+    "TORCH_LOGS": "-all",
 }
 WORKER_PRELOAD = "tasks.worker_logging"
 """Dask worker processes capture their warnings into logging at start-up."""
