@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.index import UNKNOWN_NIGHT
-from tasks.io.store import photocal_version
+from tasks.io.provenance import photocal_version
 from tasks.report.data import (
     light_curves,
     master_trends,
