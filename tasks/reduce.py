@@ -39,6 +39,7 @@ from calib.reduce import ReducedQuadrant, reduce_quadrant
 from calib.zeropoint import classical_zeropoints, zeropoint_stars
 from ml.zp_features import centre_crop
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
 from tasks.io.reduced import KeptQuadrant, keep_quadrant, write_reduced
@@ -208,10 +209,10 @@ def _pick_period(store: str, prefix: str, night: str, wanted: str | None) -> str
 
 def load_masters(store: str, night: str, band: str, *, period: str | None = None) -> Masters:
     """The bias and ``band`` flat of the period covering ``night``."""
-    bias_period = _pick_period(store, "masters/bias", night, period)
-    flat_period = _pick_period(store, f"masters/flat/{band}", night, period)
-    bias = read_group(store, f"masters/bias/{bias_period}")
-    flat = read_group(store, f"masters/flat/{band}/{flat_period}")
+    bias_period = _pick_period(store, groups.BIAS, night, period)
+    flat_period = _pick_period(store, groups.flats(band), night, period)
+    bias = read_group(store, groups.bias(bias_period))
+    flat = read_group(store, groups.flat(band, flat_period))
     defects = flat["defects"].astype(np.uint8)
     if "defects" in bias:
         defects = defects | bias["defects"].astype(np.uint8).reindex_like(defects, fill_value=0)
@@ -589,8 +590,8 @@ def write_night(
     refcat = read_refcat(refcat_path)
     catalog, exposures = night_groups(results, refcat, photometry_config)
     attrs = night_provenance(night, inputs, reduce_config, photometry_config, refcat_path)
-    write_group(store, f"nights/{night}/catalog", catalog, attrs=attrs)
-    write_group(store, f"nights/{night}/exposures", exposures, attrs=attrs)
+    write_group(store, groups.catalog(night), catalog, attrs=attrs)
+    write_group(store, groups.exposures(night), exposures, attrs=attrs)
     patches = [r for r in sorted(results, key=lambda r: r.row["expid"]) if r.patch is not None]
     if patches:  # one layout per night (the index rejects others), so they stack
         ds = xr.Dataset(
@@ -598,7 +599,7 @@ def write_night(
             coords={"expid": ("exposure", np.array([r.row["expid"] for r in patches]))},
             attrs={"units": "e-/s per pixel (fluence / EXPTIME)", "quadrant": "lowest read"},
         )
-        write_group(store, f"nights/{night}/patches", ds, attrs=attrs)
+        write_group(store, groups.patches(night), ds, attrs=attrs)
     if reduce_config.keep_reduced:
         for r in results:
             if r.reduced:
@@ -612,7 +613,7 @@ def write_night(
 
 def science_files(store: str, night: str) -> tuple[str, list[str]]:
     """Raw root and the ``ok`` science files of a night, from ``index/<night>``."""
-    index = read_group(store, f"index/{night}")
+    index = read_group(store, groups.index(night))
     ok = (index.status.values == "ok") & (index.imagetyp.values == "SCIENCE")
     return str(index.attrs.get("raw_root", "")), sorted(str(p) for p in index.path.values[ok])
 

@@ -17,6 +17,7 @@ from sim.badfiles import write_bad_files
 from sim.catalogsim import CatalogSurvey
 from sim.config import SurveyConfig, make_config
 from sim.survey import Survey, write_raw
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.store import write_group
 from tasks.io.truth import write_truth
@@ -144,12 +145,12 @@ def write_catalog_survey(store: str | os.PathLike, survey: CatalogSurvey) -> Non
             quad_ny=survey.config.quad_ny,
         )
         cat = xr.Dataset({k: ("obs", v[rows]) for k, v in o.items()})
-        write_group(store, f"nights/{night}/catalog", cat, attrs=attrs)
+        write_group(store, groups.catalog(night), cat, attrs=attrs)
         sel = ex["night"] == night
         exps = xr.Dataset(
             {k: ("exposure", ex[k][sel]) for k in ("expid", "mjd", "band", "airmass", "exptime_s")}
         )
-        write_group(store, f"nights/{night}/exposures", exps, attrs=attrs)
+        write_group(store, groups.exposures(night), exps, attrs=attrs)
 
 
 def write_catalog_refcat(path: str | os.PathLike, survey: CatalogSurvey) -> None:

@@ -16,6 +16,7 @@ import xarray as xr
 
 from sim.config import BANDS
 from sim.survey import Survey
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.store import read_group, write_group
 
@@ -37,7 +38,7 @@ def write_truth(
 ) -> list[str]:
     """Write every truth group; returns the group names."""
     attrs = _provenance(survey)
-    groups = {
+    content = {
         "camera": _camera(survey),
         "exposures": _exposures(survey, raw_paths),
         "zp": _zero_points(survey),
@@ -46,13 +47,13 @@ def write_truth(
         "cosmics": _cosmics(cosmics),
     }
     if survey.config.truth_pixel_maps:
-        groups.update(dict(_maps(survey)))
+        content.update(dict(_maps(survey)))
     if survey.scene is not None:
-        groups["transients"] = _transients(survey)
-        groups["transient_epochs"] = _transient_epochs(survey)
-    for name, ds in groups.items():
+        content["transients"] = _transients(survey)
+        content["transient_epochs"] = _transient_epochs(survey)
+    for name, ds in content.items():
         write_group(store, name, ds, attrs=attrs)
-    return sorted(groups)
+    return sorted(content)
 
 
 def _camera(s: Survey) -> xr.Dataset:
@@ -334,7 +335,7 @@ def score_ubercal(store: str | os.PathLike, truth: str | os.PathLike, band: str)
     the common offset), the median of their own errors, their pull rms after the
     offset is removed, the offset itself, and how many were compared.
     """
-    sol = read_group(store, f"ubercal/{band}")
+    sol = read_group(store, groups.ubercal(band))
     zp_truth = read_group(truth, "zp")
     starflat = read_group(truth, f"maps/starflat/{band}").starflat
     expid, quadrant = sol.expid.values, sol.quadrant.values

@@ -17,30 +17,42 @@ from truthscore import score_pulls, ubercal_pulls
 
 from flows.cli import main
 from tasks.io.store import list_groups, read_group
+from tasks.progress import listening
 from tasks.ubercal import UbercalStageConfig, run_ubercal_stage
 
 pytestmark = pytest.mark.integration
 
 
-def _photocal(*argv: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(list(argv)) == 0, out.getvalue()
-    return out.getvalue()
+def _photocal(*argv: str, events: list | None = None, remote: bool = False) -> tuple[str, str]:
+    """Run the command line in this process: (stdout, stderr), with the progress
+    events it emitted appended to ``events``."""
+    out, err = io.StringIO(), io.StringIO()
+    sink = [] if events is None else events
+    with listening(sink.append, remote=remote):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert main(list(argv)) == 0, out.getvalue() + err.getvalue()
+    return out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def photometered(prefect_server, tiny_survey, tmp_path_factory):
     """The default stages (index to photometry) on tiny, then the same command
-    with --no-overwrite: (store, first output, second output)."""
+    with --no-overwrite: (store, first (stdout, stderr), second stdout, the first
+    run's progress events)."""
     store = tmp_path_factory.mktemp("run") / "photocal.zarr"
     argv = ["run", "--store", str(store), "--raw", str(tiny_survey.raw)]
     argv += ["--refcat", str(tiny_survey.refcat), "--workers", "2"]
-    return store, _photocal(*argv), _photocal(*argv, "--no-overwrite")
+    events: list = []
+    first = _photocal(*argv, events=events)
+    return store, first, _photocal(*argv, "--no-overwrite")[0], events
 
 
 def test_photocal_run_all_stages_then_resume(photometered, tiny_survey):
-    store, out, again = photometered
+    store, (out, err), again, events = photometered
+    # The console carries the summary only: no per-task lines, no warnings.
+    assert "Task run" not in out + err
+    assert "Warning" not in err, err
+    assert len((out + err).splitlines()) < 25
     assert "rejected files (5)" in out
     assert "masters/bias/2026-03-05" in out
     nights = [n for n in list_groups(store, "index") if n != "unknown-night"]
@@ -61,6 +73,11 @@ def test_photocal_run_all_stages_then_resume(photometered, tiny_survey):
         } <= set(cat.data_vars) | set(cat.coords)
         assert cat.sizes["obs"] > 100
         assert f"nights/{night}/catalog" in out
+    # Progress came for every stage run: index chunks, each master, each night.
+    finished = {(e.stage, e.label) for e in events if e.done == e.total}
+    assert ("masters", "masters/bias/2026-03-05") in finished
+    assert {("photometry", n) for n in nights} <= finished
+    assert any(stage == "index" for stage, _ in finished)
     assert "kept (already complete)" in again
     assert "nights/2026-03-10/catalog" in again.split("kept (already complete):")[1]
 
@@ -105,18 +122,23 @@ def scored(photometered, tiny_survey, tmp_path_factory):
     )
     checkpoint = work / "models" / "azprc"
     common = ["--store", str(store), "--refcat", str(tiny_survey.refcat), "--workers", "2"]
-    out = _photocal(
+    events: list = []
+    out, err = _photocal(
         "run", *common, "--stages", "train,score", "--zp-config", str(config),
-        "--checkpoint", str(checkpoint),
+        "--checkpoint", str(checkpoint), events=events, remote=True,
     )  # fmt: skip
-    return store, checkpoint, out
+    return store, checkpoint, out, err, events
 
 
 def test_train_and_score_write_a_checkpoint_and_scores(scored, tiny_survey):
     """Features per night, a checkpoint with its card and exported model, and
     scores against the simulator's truth (not against the network's own input,
     the classical zero point): every exposure within 3.3 of its own sigma."""
-    store, checkpoint, out = scored
+    store, checkpoint, out, err, events = scored
+    # Training runs on a Dask worker: its epochs reach this process.
+    epochs = [e.done for e in events if e.stage == "train"]
+    assert epochs[:3] == [1, 2, 3]
+    assert "Warning" not in err, err
     assert f"zero-point network -> {checkpoint}" in out
     card = json.loads((checkpoint / "model_card.json").read_text())
     assert {"data_sha256", "code_revision", "metrics_test_mag", "model_config"} <= set(card)
@@ -140,7 +162,7 @@ def test_train_and_score_write_a_checkpoint_and_scores(scored, tiny_survey):
 def test_network_scores_have_unit_pulls_against_the_truth(scored, tiny_survey):
     """Two-sided: the width of 8 pulls in its chi-square band (0.26-1.93),
     centred within 3.3 / sqrt(8); sigma x4 or /4 would fail."""
-    store, _, _ = scored
+    store = scored[0]
     pulls = score_pulls(store, tiny_survey.truth)
     assert_unit_pulls(pulls, label="network score pulls")
     for factor in (4.0, 0.25):  # what eight exposures can tell apart
