@@ -28,9 +28,12 @@ def _photocal(*argv: str, events: list | None = None, remote: bool = False) -> t
     events it emitted appended to ``events``."""
     out, err = io.StringIO(), io.StringIO()
     sink = [] if events is None else events
-    with listening(sink.append, remote=remote):
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            assert main(list(argv)) == 0, out.getvalue() + err.getvalue()
+    with (
+        listening(sink.append, remote=remote),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        assert main(list(argv)) == 0, out.getvalue() + err.getvalue()
     return out.getvalue(), err.getvalue()
 
 
