@@ -135,6 +135,7 @@ def photocal_run(
         validated = validate_files_task.map(unmapped(raw), chunks, unmapped(index))
         track(validated, "index", f"{len(files)} raw files", "chunks")
         by_night = group_by_night_task(validated, nights)
+        summary["missing"] += missing_raw_nights(nights, by_night, raw)
         if not overwrite:
             done = [n for n in by_night if has_master(store, groups.index(n))]
             summary["skipped"] += [groups.index(n) for n in done]
@@ -144,7 +145,6 @@ def photocal_run(
         )
         for night, counts in zip(by_night, written.result(), strict=True):
             summary["nights"][night] = counts
-        summary["missing"] += missing_raw_nights(nights, by_night, raw)
         summary["rejected"] = [
             (r["path"], r["reason"])
             for rows in by_night.values()
