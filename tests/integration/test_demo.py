@@ -35,7 +35,8 @@ def _demo(work, *args: str) -> str:
 
 def check_demo_report(text: str, work, preset: str, bands: tuple[str, ...]) -> None:
     store = work / "photocal.zarr"
-    assert f"[1/2] simulating the '{preset}' survey" in text
+    assert f"[1/3] simulating the '{preset}' survey" in text
+    assert (work / "report" / "index.html").is_file()
     assert "rejected files (5)" in text
     nights = [n for n in list_groups(store, "index") if n != "unknown-night"]
     assert len(nights) == 2
