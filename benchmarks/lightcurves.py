@@ -260,6 +260,7 @@ def run_pipeline(n_targets: int, nights: int, seed: int):
 
     from calib.ubercal import UbercalOptions
     from tasks.index import index_sequentially
+    from tasks.io import groups
     from tasks.io.store import read_group
     from tasks.lightcurves import run_lightcurves
     from tasks.masters import build_masters_sequentially
@@ -287,8 +288,8 @@ def run_pipeline(n_targets: int, nights: int, seed: int):
     for name in summary:
         sel = truth.name.values == name
         tmap = dict(zip(truth.expid.values[sel].tolist(), truth.flux_njy.values[sel], strict=True))
-        for group, key in (("lightcurves", "smp"), ("lightcurves_forced", "forced")):
-            lc = read_group(store, f"{group}/{name}")
+        for group, key in ((groups.lightcurve, "smp"), (groups.lightcurve_forced, "forced")):
+            lc = read_group(store, group(name))
             t = np.array([tmap[x] for x in lc.expid.values])
             if key == "smp":
                 n_epochs += len(t)

@@ -59,6 +59,7 @@ from calib.scene import (
 )
 from calib.starflat import Starflat
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.reduced import ReducedExposure, open_reduced, reduced_exposures
 from tasks.io.store import StoreError, group_exists, read_group, write_group
 from tasks.io.targets import Target, read_targets
@@ -224,7 +225,7 @@ def plan_targets(
     exposures: dict[str, xr.Dataset] = {}
     for night, expid in reduced_exposures(store, nights):
         if night not in exposures:
-            exposures[night] = read_group(store, f"nights/{night}/exposures")
+            exposures[night] = read_group(store, groups.exposures(night))
         ex = exposures[night]
         row = np.flatnonzero(ex.expid.values == expid)
         if not len(row):
@@ -270,7 +271,7 @@ class _Inputs:
 
     def ubercal(self, band: str) -> xr.Dataset:
         if band not in self._ubercal:
-            group = f"ubercal/{band}"
+            group = groups.ubercal(band)
             if not group_exists(self.store, group):
                 raise StoreError(
                     f"{self.store}: no {group}: run the ubercal stage first (the light "
@@ -282,8 +283,8 @@ class _Inputs:
     def night(self, night: str) -> tuple[xr.Dataset, xr.Dataset]:
         if night not in self._nights:
             self._nights[night] = (
-                read_group(self.store, f"nights/{night}/catalog"),
-                read_group(self.store, f"nights/{night}/exposures"),
+                read_group(self.store, groups.catalog(night)),
+                read_group(self.store, groups.exposures(night)),
             )
         return self._nights[night]
 
@@ -1102,14 +1103,14 @@ def measure_target(
         "(+ the exposure gradient term when ubercal fitted one)",
         "inputs": {
             "nights": sorted({e.night for e in epochs}),
-            "ubercal": [f"ubercal/{b}" for b in bands],
+            "ubercal": [groups.ubercal(b) for b in bands],
         },
         "bands": {
             r.band: {k: v for k, v in r.attrs.items() if not k.startswith("forced")}
             for r in results
         },
     }
-    write_group(store, f"lightcurves/{target.name}", lightcurve_dataset(results), attrs=attrs)
+    write_group(store, groups.lightcurve(target.name), lightcurve_dataset(results), attrs=attrs)
     summary: dict[str, Any] = {
         "name": target.name,
         "epochs": len(epochs),
@@ -1130,12 +1131,12 @@ def measure_target(
         }
         write_group(
             store,
-            f"lightcurves_forced/{target.name}",
+            groups.lightcurve_forced(target.name),
             lightcurve_dataset(results, forced=True),
             attrs=forced_attrs,
         )
         summary["forced_measured"] = int(sum(np.isfinite(r.forced_flux).sum() for r in results))
-    _logger().info("lightcurves/%s: %s", target.name, summary)
+    _logger().info("%s: %s", groups.lightcurve(target.name), summary)
     return summary
 
 
