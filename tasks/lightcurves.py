@@ -60,6 +60,7 @@ from calib.scene import (
 from calib.starflat import Starflat
 from tasks.config import StageConfig
 from tasks.io import groups
+from tasks.io.provenance import provenance
 from tasks.io.reduced import ReducedExposure, open_reduced, reduced_exposures
 from tasks.io.store import StoreError, group_exists, read_group, write_group
 from tasks.io.targets import Target, read_targets
@@ -1093,23 +1094,23 @@ def measure_target(
     results = [
         measure_band(inputs, target, b, [e for e in epochs if e.band == b], config) for b in bands
     ]
-    attrs = {
-        "stage": "lightcurves",
-        "target": target.as_dict(),
-        "config": config.model_dump(),
-        "scene_options": config.scene_options().as_dict(),
-        "flag_bits": FLAG_BITS,
-        "flux_convention": "flux_njy = 10**(-0.4 (m - 31.4)), m = m_inst + zp + dzp "
-        "(+ the exposure gradient term when ubercal fitted one)",
-        "inputs": {
+    attrs = provenance(
+        "lightcurves",
+        config=config,
+        inputs={
             "nights": sorted({e.night for e in epochs}),
             "ubercal": [groups.ubercal(b) for b in bands],
         },
-        "bands": {
+        target=target.as_dict(),
+        scene_options=config.scene_options().as_dict(),
+        flag_bits=FLAG_BITS,
+        flux_convention="flux_njy = 10**(-0.4 (m - 31.4)), m = m_inst + zp + dzp "
+        "(+ the exposure gradient term when ubercal fitted one)",
+        bands={
             r.band: {k: v for k, v in r.attrs.items() if not k.startswith("forced")}
             for r in results
         },
-    }
+    )
     write_group(store, groups.lightcurve(target.name), lightcurve_dataset(results), attrs=attrs)
     summary: dict[str, Any] = {
         "name": target.name,
