@@ -24,6 +24,8 @@ TRANSIENTS = "transients"
 """Parent of ``transients/<night>``."""
 LIGHTCURVES = "lightcurves"
 """Parent of ``lightcurves/<name>`` (scene-modelling photometry of a transient)."""
+LIGHTCURVES_FORCED = "lightcurves_forced"
+"""Parent of ``lightcurves_forced/<name>`` (forced photometry on difference images)."""
 
 
 def index(night: str) -> str:
@@ -71,9 +73,15 @@ def rejected(night_: str) -> str:
     return f"{night(night_)}/rejected"
 
 
+def kept_reduced(night_: str) -> str:
+    """``nights/<night>/reduced``: parent of the night's kept reduced exposures."""
+    return f"{night(night_)}/reduced"
+
+
 def reduced(night_: str, expid: int) -> str:
-    """``nights/<night>/reduced/<expid>``: a reduced (fluence) image, when kept."""
-    return f"{night(night_)}/reduced/{expid}"
+    """``nights/<night>/reduced/<expid>``: a reduced exposure (fluence, variance,
+    mask, WCS), when kept."""
+    return f"{kept_reduced(night_)}/{int(expid)}"
 
 
 def ubercal(band: str) -> str:
@@ -99,3 +107,9 @@ def transients(night_: str) -> str:
 def lightcurve(name: str) -> str:
     """``lightcurves/<name>``: per-epoch scene-modelling photometry of one object."""
     return f"{LIGHTCURVES}/{name}"
+
+
+def lightcurve_forced(name: str) -> str:
+    """``lightcurves_forced/<name>``: the same object's forced photometry on
+    difference images, calibrated the same way."""
+    return f"{LIGHTCURVES_FORCED}/{name}"
