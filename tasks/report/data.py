@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import numpy as np
 import xarray as xr
 
-from tasks.index import UNKNOWN_NIGHT
 from tasks.io import groups
 from tasks.io.store import group_exists, list_children, list_groups, read_group
 
@@ -223,7 +222,7 @@ class NightQA:
 def report_nights(store: str | os.PathLike) -> list[str]:
     """Nights with an index or night groups, in order (files of unknown night excluded)."""
     found = set(list_groups(store, groups.INDEX)) | set(list_children(store, groups.NIGHTS))
-    found.discard(UNKNOWN_NIGHT)
+    found.discard(groups.UNKNOWN_NIGHT)
     return sorted(found)
 
 
@@ -411,7 +410,7 @@ def master_trends(store: str | os.PathLike) -> MasterTrends:
             )
         )
     flats: dict[str, tuple[PeriodTrend, ...]] = {}
-    for band in list_children(store, "masters/flat"):
+    for band in list_children(store, groups.FLATS):
         rows = []
         for period in list_groups(store, groups.flats(band)):
             s = read_group(store, groups.flat(band, period), load=False).attrs.get("summary", {})
@@ -632,7 +631,12 @@ def _night_epochs(
 
 
 def night_qa(store: str | os.PathLike, night: str) -> NightQA:
-    """Everything the report shows about ``night``."""
+    """Everything the report shows about ``night``; of the files whose night is
+    unknown (:data:`~tasks.io.groups.UNKNOWN_NIGHT`) only the files: nothing else
+    belongs to them, and the name, compared as a date, would pick the latest
+    masters period."""
+    if night == groups.UNKNOWN_NIGHT:
+        return NightQA(night, night_files(store, night), None, (), None, (), None, None, ())
     return NightQA(
         night=night,
         files=night_files(store, night),

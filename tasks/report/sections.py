@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.io import groups
 from tasks.report import figures
 from tasks.report.data import (
     ExposureZeroPoints,
@@ -386,7 +387,7 @@ def ubercal_section(fits: Sequence[UbercalFit]) -> Section:
                 )
             )
         if not fit.plots:
-            blocks.append(f"ubercal/{fit.band} was written without its maps (plots off).")
+            blocks.append(f"{groups.ubercal(fit.band)} was written without its maps (plots off).")
     return Section(sid, title, tuple(blocks))
 
 
@@ -539,7 +540,10 @@ def lightcurves_section(curves: Sequence[LightCurve]) -> Section | None:
 
 
 def night_sections(qa: NightQA, trends: MasterTrends | None = None) -> list[Section]:
-    """Every section of a night page, in order."""
+    """Every section of a night page, in order; for the files of no night, the
+    one section that lists them (the index page's)."""
+    if qa.night == groups.UNKNOWN_NIGHT:
+        return [unknown_night_section(qa.files)]
     out = [
         files_section(qa.files),
         photometry_section(qa.photometry),
@@ -622,7 +626,7 @@ def unknown_night_section(files: Files | None) -> Section:
         title,
         (
             "Files whose observing night could not be read (no usable MJD-OBS): "
-            "rejected, recorded in index/unknown-night.",
+            f"rejected, recorded in {groups.index(groups.UNKNOWN_NIGHT)}.",
             Table(("file", "reason"), tuple(files.rejected), name="rejected"),
         ),
     )

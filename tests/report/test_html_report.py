@@ -194,3 +194,22 @@ def test_report_command_writes_the_pages_asked_for(report_store, tiny_survey, tm
     assert sorted(p.name for p in tmp_path.glob("*.html")) == [INDEX, page_name(night)]
     assert main(["report", report_store, "--night", "2031-01-01", "--out", str(tmp_path)]) == 2
     assert "2031-01-01" in capsys.readouterr().err
+
+
+def test_files_of_no_night_report_only_those_files(report_store):
+    """index/unknown-night holds files whose MJD-OBS could not be read: their
+    report lists them and nothing else (before, "unknown-night" sorted after
+    every period and the report showed the latest period's masters as its own)."""
+    qa = night_qa(report_store, groups.UNKNOWN_NIGHT)
+    unknown = read_group(report_store, groups.index(groups.UNKNOWN_NIGHT))
+    assert qa.files is not None
+    assert sorted(p for p, _ in qa.files.rejected) == sorted(str(p) for p in unknown.path.values)
+    assert (qa.photometry, qa.masters, qa.zeropoints, qa.ubercal, qa.lightcurves) == (
+        None, (), None, (), ()
+    )  # fmt: skip
+    sections = night_sections(qa)
+    assert [s.id for s in sections] == ["unknown-night"]
+    text = markdown.render("photocal night unknown-night", sections)
+    assert "did not run" not in text
+    for path in unknown.path.values:
+        assert str(path) in text
