@@ -28,7 +28,7 @@ from flows.runners import make_task_runner
 from flows.settings import PhotocalSettings
 from tasks.config import load_config
 from tasks.devices import gpu_workers_task, on_gpu_if_any, probe_device_task
-from tasks.index import UNKNOWN_NIGHT
+from tasks.io import groups
 from tasks.masters import period_label
 from tasks.progress import listening
 from tasks.report.data import report_nights
@@ -89,7 +89,7 @@ def _publish(settings: PhotocalSettings, nights: list[str], summary: dict[str, A
     logger = get_run_logger()
     if summary.get("skipped"):
         logger.info("kept, already complete: %s", ", ".join(summary["skipped"]))
-    missing = sorted(set(nights) - have - {UNKNOWN_NIGHT})
+    missing = sorted(set(nights) - have - {groups.UNKNOWN_NIGHT})
     if missing:
         logger.warning(
             "no raw files or groups for %d night(s): %s", len(missing), ", ".join(missing)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tasks.index import UNKNOWN_NIGHT
 from tasks.io import groups
 from tasks.reports import html_report_task, night_report_task, report_url
 
@@ -35,7 +34,7 @@ def publish_reports(
     the index, linked from the artifacts); night -> markdown artifact key."""
     nights = list(nights)
     if report_dir is not None:
-        pages = [n for n in nights if n != UNKNOWN_NIGHT]
+        pages = [n for n in nights if n != groups.UNKNOWN_NIGHT]
         html_report_task(store, report_dir, pages)
     return {
         night: night_report_task(
@@ -43,7 +42,7 @@ def publish_reports(
             night,
             summary,
             report_url(report_dir, night, base_url)
-            if report_dir is not None and night != UNKNOWN_NIGHT
+            if report_dir is not None and night != groups.UNKNOWN_NIGHT
             else None,
         )
         for night in nights

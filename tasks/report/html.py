@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.index import UNKNOWN_NIGHT
+from tasks.io import groups
 from tasks.io.provenance import photocal_version
 from tasks.report.data import (
     light_curves,
@@ -176,7 +176,7 @@ def write_report(
         index_sections(
             [night_summary(store, n) for n in have],
             linked,
-            night_files(store, UNKNOWN_NIGHT),
+            night_files(store, groups.UNKNOWN_NIGHT),
             trends,
             light_curves(store),
         ),
