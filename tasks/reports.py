@@ -24,9 +24,9 @@ from prefect.artifacts import (
 
 from tasks.io.store import is_local, local_path
 from tasks.report import markdown
-from tasks.report.data import master_trends, night_qa
+from tasks.report.data import light_curves, master_trends, night_qa
 from tasks.report.html import page_name, write_report
-from tasks.report.sections import Block, Table, night_sections, num
+from tasks.report.sections import Block, Table, lightcurves_section, night_sections, num
 
 
 def artifact_key(*parts: str) -> str:
@@ -123,6 +123,21 @@ def publish_night_report(
             link_text=f"HTML QA report, night {night}",
             description=f"static HTML report of night {night} (opens without a server)",
         )
+    return key
+
+
+def publish_lightcurves(store: str, names: Sequence[str]) -> str | None:
+    """The ``lightcurves`` artifact of the current run: the report's light-curve
+    section for the objects ``names``; its key, or None without any."""
+    section = lightcurves_section(light_curves(store, names=names))
+    if section is None:
+        return None
+    key = artifact_key("lightcurves")
+    create_markdown_artifact(
+        key=key,
+        markdown=markdown.render("photocal light curves", [section], intro=[f"Store: `{store}`"]),
+        description=f"light curves of {len(names)} object(s)",
+    )
     return key
 
 

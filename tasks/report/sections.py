@@ -511,24 +511,44 @@ def transients_section(qa: NightQA) -> Section | None:
     )
 
 
+def _flux(x: Any) -> str:
+    return f"{x:.1f}" if _finite(x) else MISSING
+
+
+def _peak(values: np.ndarray) -> float:
+    return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+
+
 def lightcurves_section(curves: Sequence[LightCurve]) -> Section | None:
     if not curves:
         return None
     blocks: list[Block] = [
         Table(
-            ("object", "epochs", "epochs this night", "bands", "brightest [mag]", "faintest [mag]"),
+            (
+                "object",
+                "epochs",
+                "epochs this night",
+                "measured",
+                "bands",
+                "peak flux [nJy]",
+                "difference-image peak [nJy]",
+                "brightest [mag]",
+            ),
             tuple(
                 (
                     lc.name,
                     count(len(lc.mjd)),
                     count(int(lc.in_night.sum())),
+                    count(lc.measured),
                     ", ".join(sorted(set(lc.band))),
-                    mag(np.nanmin(lc.mag)) if np.isfinite(lc.mag).any() else MISSING,
-                    mag(np.nanmax(lc.mag)) if np.isfinite(lc.mag).any() else MISSING,
+                    _flux(_peak(lc.flux_njy)),
+                    _flux(_peak(lc.forced_flux_njy)),
+                    mag(float(np.nanmin(lc.mag))) if np.isfinite(lc.mag).any() else MISSING,
                 )
                 for lc in curves
             ),
-            caption="Scene-modelling photometry on the ubercal system (lightcurves/<name>)",
+            caption="Scene-modelling photometry on the ubercal system (lightcurves/<name>); "
+            "measured: epochs with a flux; difference images: lightcurves_forced/<name>",
             name="lightcurves",
         )
     ]

@@ -127,15 +127,18 @@ def _check_numbers(store: str, night: str, tables: dict) -> None:
         assert row[5] == f"{stats['chi2_per_dof']:.3f}"
 
     lc = read_group(store, groups.lightcurve(LIGHTCURVE))
+    forced = read_group(store, groups.lightcurve_forced(LIGHTCURVE))
     in_night = np.isin(lc.expid.values, exposures.expid.values)
     assert tables["lightcurves"] == [
         [
             LIGHTCURVE,
             str(lc.sizes["epoch"]),
             str(int(in_night.sum())),
+            str(int(np.isfinite(lc.flux_njy.values).sum())),
             ", ".join(sorted({str(b) for b in lc.band.values})),
+            f"{np.max(lc.flux_njy.values):.1f}",
+            f"{np.max(forced.flux_njy.values):.1f}",
             f"{np.min(lc.mag.values):.4f}",
-            f"{np.max(lc.mag.values):.4f}",
         ]
     ]
 
