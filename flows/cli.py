@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="static HTML QA report of a store: index.html and a page per night",
     )
     p.add_argument("store", help="Zarr store path or fsspec URL")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (created), or an object-store prefix such as s3://bucket/report",
+    )
     _add_nights(p, "night to report, by its evening date (repeatable; default: every night)")
 
     p = sub.add_parser(

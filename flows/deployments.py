@@ -32,7 +32,7 @@ from tasks.io import groups
 from tasks.masters import period_label
 from tasks.progress import listening
 from tasks.report.data import report_nights
-from tasks.reports import default_report_dir, publish_lightcurves
+from tasks.reports import default_report_dir
 
 PER_PERIOD_STAGES = ("masters", "reduce", "photometry")
 """Backfill stages run one calibration period at a time (after one index of
@@ -289,7 +289,7 @@ def lightcurves(
 ) -> dict[str, Any]:
     """Scene-modelling light curves of the targets on the ubercal system, beside
     forced photometry on difference images (docs/lightcurves.md); the run carries
-    the light curves' report."""
+    their report (the ``lightcurves`` artifact) and the HTML index lists them."""
     settings = PhotocalSettings()
     summary = _run(
         settings,
@@ -299,7 +299,7 @@ def lightcurves(
         targets=targets,
         strict_nights=False,
     )
-    publish_lightcurves(settings.store, list(summary.get("lightcurves", {})))
+    _publish(settings, [], summary)
     return summary["lightcurves"]
 
 

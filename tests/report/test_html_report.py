@@ -12,10 +12,12 @@ from report_store import LIGHTCURVE
 from flows.cli import main
 from tasks.io import groups
 from tasks.io.store import read_group
+from tasks.io.store_tools import copy_store
 from tasks.report import markdown
 from tasks.report.data import night_qa
 from tasks.report.html import INDEX, page_name, write_report
 from tasks.report.sections import NIGHT_SECTIONS, Figure, Table, night_sections
+from tasks.reports import default_report_dir
 
 TABLES_JS = """
 Object.fromEntries(Array.from(document.querySelectorAll('table[data-table]')).map(t => [
@@ -216,3 +218,28 @@ def test_files_of_no_night_report_only_those_files(report_store):
     assert "did not run" not in text
     for path in unknown.path.values:
         assert str(path) in text
+
+
+def test_report_of_a_store_on_s3(browser, report, s3_store, tmp_path):
+    """The store on S3 (moto's server on loopback): the report reads it there and
+    writes its pages beside it, as for a local store; the pages show the same
+    tables as the local store's report."""
+    local_store, local_files = report
+    copy_store(local_store, s3_store)
+    out = default_report_dir(s3_store)
+    assert out == s3_store + ".report"
+    files = write_report(s3_store, out)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert sorted(fs.ls(out.removeprefix("s3://"))) == sorted(
+        u.removeprefix("s3://") for u in [files.index, *files.pages.values()]
+    )
+    fs.get(out.removeprefix("s3://") + "/", str(tmp_path), recursive=True)
+    for name, local in [
+        (INDEX, local_files.index),
+        *((page_name(n), p) for n, p in local_files.pages.items()),
+    ]:
+        page = _page(browser, tmp_path / name)
+        assert all(img["ok"] for img in page["images"]), name
+        assert page["tables"] == _page(browser, local)["tables"], name
