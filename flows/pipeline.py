@@ -288,4 +288,5 @@ def _lightcurves_stage(
     (``lightcurves/<name>``, ``lightcurves_forced/<name>``)."""
     planned = plan_lightcurves_task(store, targets, nights)
     done = lightcurve_task.map(unmapped(store), planned, unmapped(config))
+    track(done, "lightcurves", f"{len(planned)} targets", "targets")
     return {t.name: r for (t, _), r in zip(planned, done.result(), strict=True)}

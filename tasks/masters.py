@@ -37,7 +37,6 @@ from calib.masters import (
 )
 from calib.overscan import overscan_level
 from tasks.config import StageConfig
-from tasks.index import UNKNOWN_NIGHT
 from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import QuadrantHeader, read_overscan, read_rows, validate_file
@@ -154,7 +153,7 @@ def _subsample(items: list, limit: int) -> list:
 def plan_periods(store: str, nights: list[str] | None, config: MastersConfig) -> list[PeriodPlan]:
     """Periods touched by ``nights`` (default: every indexed night), with all their
     indexed calibration frames, in time order."""
-    indexed = [n for n in list_groups(store, groups.INDEX) if n != UNKNOWN_NIGHT]
+    indexed = [n for n in list_groups(store, groups.INDEX) if n != groups.UNKNOWN_NIGHT]
     wanted = {period_label(n, config) for n in (nights if nights is not None else indexed)}
     bias: dict[str, list[tuple[float, str]]] = defaultdict(list)
     flats: dict[str, dict[str, dict[int, list[tuple[float, str, str]]]]] = defaultdict(

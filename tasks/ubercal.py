@@ -219,7 +219,7 @@ def _select_nights(store: str, first: str | None, last: str | None) -> list[str]
     if not nights:
         raise StoreError(
             f"{store}: no night catalogs between {first or 'the first'} and "
-            f"{last or 'the last'} night under nights/"
+            f"{last or 'the last'} night under {groups.NIGHTS}/"
         )
     return nights
 
@@ -229,7 +229,7 @@ def _quadrant_shape(store: str, nights: list[str]) -> tuple[int, int]:
     for n in nights:
         attrs = read_group(store, groups.catalog(n), load=False).attrs
         if "quad_nx" not in attrs or "quad_ny" not in attrs:
-            raise StoreError(f"{store}: nights/{n}/catalog lacks the quad_nx/quad_ny attrs")
+            raise StoreError(f"{store}: {groups.catalog(n)} lacks the quad_nx/quad_ny attrs")
         shapes.add((int(attrs["quad_nx"]), int(attrs["quad_ny"])))
     if len(shapes) != 1:
         raise StoreError(f"{store}: night catalogs disagree on the quadrant size: {sorted(shapes)}")

@@ -26,6 +26,13 @@ LIGHTCURVES = "lightcurves"
 """Parent of ``lightcurves/<name>`` (scene-modelling photometry of a transient)."""
 LIGHTCURVES_FORCED = "lightcurves_forced"
 """Parent of ``lightcurves_forced/<name>`` (forced photometry on difference images)."""
+FLATS = "masters/flat"
+"""Parent of ``masters/flat/<band>`` (one child per band)."""
+
+UNKNOWN_NIGHT = "unknown-night"
+"""The night of raw files (``index/unknown-night``) and ingested rows
+(``nights/unknown-night/rejected``) whose observing night cannot be read: never
+a calendar night, so stages and the report's night list leave it out."""
 
 
 def index(night: str) -> str:
@@ -40,7 +47,7 @@ def bias(period: str) -> str:
 
 def flats(band: str) -> str:
     """``masters/flat/<band>``: parent of the band's master flats."""
-    return f"masters/flat/{band}"
+    return f"{FLATS}/{band}"
 
 
 def flat(band: str, period: str) -> str:

@@ -25,7 +25,8 @@ def test_every_deployment_entrypoint_is_a_flow():
         assert isinstance(obj, Flow), dep["name"]
         assert dep["work_pool"]["name"] == "photocal"
         names.add(dep["name"])
-    assert {"nightly", "backfill", "masters", "ubercal", "train-zp", "score-zp"} <= names
+    expected = {"nightly", "backfill", "masters", "ubercal", "lightcurves", "train-zp", "score-zp"}
+    assert expected <= names
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"]
 

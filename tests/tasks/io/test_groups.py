@@ -23,6 +23,9 @@ from tasks.io.store import _check_group_name
         (groups.transients("2026-03-10"), "transients/2026-03-10"),
         (groups.lightcurve("sn2026abc"), "lightcurves/sn2026abc"),
         (groups.lightcurve_forced("sn2026abc"), "lightcurves_forced/sn2026abc"),
+        (groups.kept_reduced("2026-03-10"), "nights/2026-03-10/reduced"),
+        (groups.index(groups.UNKNOWN_NIGHT), "index/unknown-night"),
+        (groups.rejected(groups.UNKNOWN_NIGHT), "nights/unknown-night/rejected"),
     ],
 )
 def test_names_follow_the_store_contract(name, expected):
@@ -38,3 +41,4 @@ def test_parents_are_the_prefixes_of_their_groups():
     assert groups.lightcurve("x").startswith(groups.LIGHTCURVES + "/")
     assert groups.lightcurve_forced("x").startswith(groups.LIGHTCURVES_FORCED + "/")
     assert groups.reduced("n", 3).startswith(groups.kept_reduced("n") + "/")
+    assert groups.flats("r").startswith(groups.FLATS + "/")
