@@ -23,7 +23,6 @@ from tasks.io.store import _check_group_name
         (groups.transients("2026-03-10"), "transients/2026-03-10"),
         (groups.lightcurve("sn2026abc"), "lightcurves/sn2026abc"),
         (groups.lightcurve_forced("sn2026abc"), "lightcurves_forced/sn2026abc"),
-        (groups.kept_reduced("2026-03-10"), "nights/2026-03-10/reduced"),
         (groups.index(groups.UNKNOWN_NIGHT), "index/unknown-night"),
         (groups.rejected(groups.UNKNOWN_NIGHT), "nights/unknown-night/rejected"),
     ],
