@@ -26,10 +26,13 @@ pytestmark = pytest.mark.integration
 
 
 def _demo(work, *args: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["demo", "--workdir", str(work), *args])
-    assert rc == 0, out.getvalue()
+    assert rc == 0, out.getvalue() + err.getvalue()
+    # What an operator sees on success: at most 60 lines, both streams.
+    lines = (out.getvalue() + err.getvalue()).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
     return out.getvalue()
 
 
