@@ -51,7 +51,13 @@ from calib.ubercal.gauge import _gauge_pins, _gauge_transform, anchor_stars
 from calib.ubercal.layout import UbercalLayout, _Indexed
 from calib.ubercal.normal import _pair_sums, _prepare, _Prepared
 from calib.ubercal.observations import ObservationChunk, ObservationSource, _lookup
-from calib.ubercal.outliers import _PassStatistics, _rejected_stars, _selected, _statistics
+from calib.ubercal.outliers import (
+    _PassStatistics,
+    _rejected_stars,
+    _require_usable,
+    _selected,
+    _statistics,
+)
 from calib.ubercal.priors import parameter_prior, prior_dominated
 from calib.ubercal.solvers import _Parameters
 
@@ -740,6 +746,8 @@ def solve_iterative(source: ObservationSource, layout: UbercalLayout) -> Iterati
         parts = step.map(operator.itemgetter(0))
         passes += 1
         counts = sums.stats.counts
+        if solved is None:
+            _require_usable(counts)
         if solved is not None:
             changed = counts["n_changed"]
             if not sums.n_newly and changed <= opt.clip_tolerance * counts["n_good"]:

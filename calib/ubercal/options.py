@@ -125,8 +125,9 @@ class UbercalOptions:
     error_samples : int
         Random draws used to estimate errors where they are not computed exactly
         (all parameters on the sparse path; the zero-point part of star errors);
-        on the iterative path, Rademacher probes of the stochastic diagonal
-        estimate (:mod:`calib.ubercal.iterative`).
+        on the iterative path, solutions for simulated data noise through the
+        same solver (a variance to ``sqrt(2 / error_samples)``;
+        :mod:`calib.ubercal.iterative`).
     chunk_size : int
         Observations per chunk when the input is one in-memory table.
     qa_cells : (int, int)

@@ -25,7 +25,13 @@ from calib.ubercal.observations import (
     _lookup,
 )
 from calib.ubercal.options import UbercalOptions
-from calib.ubercal.outliers import _PassState, _PassStatistics, _rejected_stars, _run_pass
+from calib.ubercal.outliers import (
+    _PassState,
+    _PassStatistics,
+    _rejected_stars,
+    _require_usable,
+    _run_pass,
+)
 from calib.ubercal.priors import parameter_prior, prior_rows
 from calib.ubercal.qa import FitStatistics, UbercalQA, _qa
 from calib.ubercal.sizing import ModelSizing
@@ -242,6 +248,7 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
             break
         delta = cast(NormalEquations, result.delta)
         if ne is None:
+            _require_usable(stats.counts)
             # The anchor stars are chosen once, from all usable observations: a
             # set that followed the clipping would feed back into it (a star at
             # the error threshold moving in and out at every pass).
