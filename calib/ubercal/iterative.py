@@ -34,6 +34,7 @@ diagonal as control variate was measured and rejected: docs/ubercal.md.)
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -84,15 +85,25 @@ class Partitions(Protocol):
 
 @dataclass(frozen=True)
 class InMemoryPartitions:
-    """:class:`Partitions` held in this process."""
+    """:class:`Partitions` held in this process, mapped over by ``threads``
+    threads (the solver's products spend their time in numpy and scipy.sparse
+    loops that release the GIL); results are summed in partition order, so the
+    sum does not depend on which thread finished first."""
 
     parts: Sequence[Any]
+    threads: int = 1
+
+    def _each(self, fn: Callable[[Any], T]) -> list[T]:
+        if self.threads <= 1 or len(self.parts) <= 1:
+            return [fn(p) for p in self.parts]
+        with concurrent.futures.ThreadPoolExecutor(min(self.threads, len(self.parts))) as pool:
+            return list(pool.map(fn, self.parts))
 
     def map(self, fn: Callable[[Any], Any]) -> InMemoryPartitions:
-        return InMemoryPartitions([fn(p) for p in self.parts])
+        return InMemoryPartitions(self._each(fn), self.threads)
 
     def map_reduce(self, fn: Callable[[Any], T]) -> T:
-        return functools.reduce(operator.add, (fn(p) for p in self.parts))
+        return functools.reduce(operator.add, self._each(fn))
 
 
 # --- partitioning ---------------------------------------------------------------
@@ -152,7 +163,9 @@ def _split_to_pieces(
     return _Pieces(tuple((c,) for c in split_chunk(chunk, key, n_parts)))
 
 
-def partition(source: ObservationSource, layout: UbercalLayout, n_parts: int) -> Partitions:
+def partition(
+    source: ObservationSource, layout: UbercalLayout, n_parts: int, *, threads: int = 1
+) -> Partitions:
     """Regroup ``source`` into ``n_parts`` star-complete partitions, prepared for
     the solver. A source with a ``partition(key, n_parts, build)`` method does it
     where its chunks live (the stage's Dask source keeps them on the workers);
@@ -161,7 +174,7 @@ def partition(source: ObservationSource, layout: UbercalLayout, n_parts: int) ->
     build = functools.partial(_build_part, layout=layout, n_parts=n_parts)
     if hasattr(source, "partition"):
         return source.partition(key, n_parts, build)  # type: ignore[no-any-return]
-    return partition_in_memory(source, key, n_parts, build)
+    return partition_in_memory(source, key, n_parts, build, threads=threads)
 
 
 def partition_in_memory(
@@ -169,14 +182,23 @@ def partition_in_memory(
     key: Callable[[ObservationChunk], np.ndarray],
     n_parts: int,
     build: Callable[..., Any],
+    *,
+    threads: int = 1,
 ) -> InMemoryPartitions:
     """Regroup a source into partitions held in this process: each chunk is
     split by ``key`` where it lives, the pieces come here and are built with
-    ``build(chunk, index=k)``."""
-    pieces = source.map_reduce(functools.partial(_split_to_pieces, key=key, n_parts=n_parts))
-    return InMemoryPartitions(
-        [build(concat_chunks(p), index=i) for i, p in enumerate(pieces.parts)]
+    ``build(chunk, index=k)``, each partition's pieces let go once it is built
+    (the pieces are a copy of the observations: at survey size, not two)."""
+    pieces = list(
+        source.map_reduce(functools.partial(_split_to_pieces, key=key, n_parts=n_parts)).parts
     )
+    parts = []
+    for i in range(n_parts):
+        chunk = concat_chunks(pieces[i])
+        pieces[i] = ()
+        parts.append(build(chunk, index=i))
+        del chunk
+    return InMemoryPartitions(parts, threads)
 
 
 @dataclass(frozen=True)
@@ -202,14 +224,12 @@ class _Part:
     wp: np.ndarray  # (n_s,) the prior's weight now: anchor stars with data in use
     colp: np.ndarray  # (n_s,) bp_rp - pivot of the prior
     mref: np.ndarray  # (n_s,) reference magnitude (0 where no prior)
+    wu: np.ndarray | None = None  # (n,) weights of the observations in use (0 else)
     agg: sp.csr_matrix | None = None  # (n_s, n): wu of each observation in use, by star
     D_obs: np.ndarray | None = None  # (n_s,) sum wu per star
+    inv_w: np.ndarray | None = None  # (n_s,) 1 / (D_obs + wp), 0 for stars without weight
     stats: _PassStatistics | None = None  # of the last pass (local stars)
     newly: np.ndarray | None = None  # (n_s,) bool: rejected by the last pass
-
-    @property
-    def wu(self) -> np.ndarray:
-        return np.where(self.used, self.prep.w, 0.0)
 
     def select(self, used: np.ndarray, rejected: np.ndarray) -> _Part:
         """This partition with a new selection; the prior follows the stars that
@@ -222,13 +242,18 @@ class _Part:
         # Sums per star of the observations in use, as one sparse product (for
         # one vector or many at once).
         agg = sp.csr_matrix((wu, (star, np.arange(len(star)))), shape=(n_s, len(star)))
+        D_obs = np.asarray(agg.sum(axis=1)).ravel()
+        D = D_obs + wp
+        # Kept with the selection: every product of the solver needs them.
         return dataclasses.replace(
             self,
             used=used,
             rejected=rejected,
             wp=wp,
+            wu=wu,
             agg=agg,
-            D_obs=np.asarray(agg.sum(axis=1)).ravel(),
+            D_obs=D_obs,
+            inv_w=np.divide(1.0, D, out=np.zeros_like(D), where=D > 0),
         )
 
 
@@ -309,16 +334,21 @@ def _reduced_product(part: _Part, v: np.ndarray, vp: np.ndarray) -> np.ndarray:
     """``C^T W (I - H) [v; vp]`` for observation values ``v`` (n[, k]) and prior
     pseudo-observation values ``vp`` (n_s[, k]) of the anchor coefficient:
     the star means of the used observations and the prior are removed and the
-    weighted remainder summed into the parameters, shape (n_param[, k])."""
-    wu = part.wu
-    D = part.D_obs + part.wp
-    inv_d = np.divide(1.0, D, out=np.zeros_like(D), where=D > 0)
+    weighted remainder summed into the parameters, shape (n_param[, k]).
+    ``v`` is overwritten (every caller hands a temporary: this is the inner
+    loop of the solver, and n x k temporaries are its largest arrays)."""
+    assert part.wu is not None
+    assert part.inv_w is not None
     shape = (-1,) + (1,) * (v.ndim - 1)
-    mean = (_star_sums(part, v) + part.wp.reshape(shape) * vp) * inv_d.reshape(shape)
-    r = wu.reshape(shape) * (v - mean[part.prep.ix.star])
-    y = np.asarray(part.C.T @ r)
+    wp = part.wp.reshape(shape)
+    mean = _star_sums(part, v)
+    mean += wp * vp
+    mean *= part.inv_w.reshape(shape)
+    v -= np.take(mean, part.prep.ix.star, axis=0)
+    v *= part.wu.reshape(shape)
+    y = np.asarray(part.C.T @ v)
     if part.layout.n_anchor:
-        rp = part.wp.reshape(shape) * (vp - mean)
+        rp = wp * (vp - mean)
         y[-1] += (part.colp.reshape(shape) * rp).sum(axis=0)
     return y
 
@@ -348,6 +378,7 @@ def _noise_rhs(part: _Part, seed: int, k: int) -> np.ndarray:
     solution's is ``S^-1``. Seeded by partition, whatever the partition order."""
     rng = np.random.default_rng([seed, part.index])
     wu = part.wu
+    assert wu is not None
     eps = rng.standard_normal((len(wu), k)) / np.sqrt(np.where(wu > 0, wu, 1.0))[:, None]
     epsp = (
         rng.standard_normal((part.layout.n_star, k))
@@ -363,8 +394,7 @@ def _star_magnitudes(part: _Part, p: np.ndarray) -> tuple[np.ndarray, np.ndarray
     v = np.where(part.used, part.prep.mag, 0.0) + np.asarray(part.C @ x)
     D = part.D_obs + part.wp
     num = _star_sums(part, v) + part.wp * (part.mref + _anchor_values(part, x))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(D > 0, num / D, np.nan), D
+    return np.where(D > 0, num * part.inv_w, np.nan), D
 
 
 @dataclass(frozen=True)
@@ -393,9 +423,10 @@ def _blocks(part: _Part) -> _Blocks:
     lay = part.layout
     opt = lay.options
     wu = part.wu
+    assert wu is not None
+    assert part.inv_w is not None
     star = part.prep.ix.star
-    D = part.D_obs + part.wp
-    inv_d = np.divide(1.0, D, out=np.zeros_like(D), where=D > 0)
+    inv_d = part.inv_w
     npp, nz, n_exp = lay.n_param, lay.n_zp, len(lay.expids)
     C = part.C.tocoo()
     # A_pp diagonal and the per-(star, parameter) sums a_sj = sum w c: the
@@ -599,7 +630,7 @@ class _BlockJacobi:
         nzq = layout.n_zp // max(n_exp, 1)
         bx = by = np.zeros((n_exp, nzq))
         ginv = None
-        if layout.options.exposure_gradient and kind == "block_jacobi":
+        if layout.options.exposure_gradient and kind != "jacobi":
             g0 = layout.gradient_start
             pd = P.diagonal()[g0 : g0 + 2 * n_exp].reshape(n_exp, 2)
             dz = inv_d[: layout.n_zp].reshape(n_exp, nzq)
@@ -641,24 +672,95 @@ class _BlockJacobi:
         out[: lay.n_zp] = (yz - bx * yg[:, :1] - by * yg[:, 1:2]).reshape(r[: lay.n_zp].shape)
         return out
 
-    def diagonal(self) -> np.ndarray:
-        """``diag(M^-1)`` (exact: the control variate of the error estimate)."""
-        d = self.inv_d.copy()
-        if self.ginv is None:
-            return d
-        lay = self.layout
-        n_exp, _nzq = self.bx.shape
-        g0 = lay.gradient_start
-        d[g0 : g0 + 2 * n_exp] = np.stack([self.ginv[:, 0, 0], self.ginv[:, 1, 1]], axis=1).ravel()
-        # zero point i: 1/d_i + b_i^T G^-1 b_i with b_i = (bx_i, by_i).
-        gi = self.ginv
-        q = (
-            self.bx**2 * gi[:, :1, 0]
-            + 2 * self.bx * self.by * gi[:, :1, 1]
-            + self.by**2 * gi[:, 1:2, 1]
+
+class _TwoLevel:
+    """Block Jacobi plus an additive coarse correction on the modes it cannot
+    see: ``M^-1 r = B^-1 r + Z E^-1 Z^T r`` with ``E = Z^T A Z`` (Galerkin),
+    ``Z`` the near-null directions of the reduced system (:func:`_coarse_basis`),
+    ``A`` the operator being solved. ``E`` costs ``Z.shape[1]`` products (done
+    in blocks, one multi-right-hand-side product each), so it is computed once
+    and kept through the outlier passes while the free parameters stay the same:
+    the selection changes a few observations per pass, and a preconditioner
+    only has to be close."""
+
+    def __init__(
+        self,
+        smoother: _BlockJacobi,
+        free: np.ndarray,
+        Z: sp.csc_matrix,
+        Einv: np.ndarray,
+    ) -> None:
+        self.smoother = smoother
+        self.free = free
+        self.Z = Z
+        self.Einv = Einv
+
+    @classmethod
+    def build(
+        cls,
+        smoother: _BlockJacobi,
+        layout: UbercalLayout,
+        free: np.ndarray,
+        apply: Callable[[np.ndarray], np.ndarray],
+        block: int = 32,
+    ) -> _TwoLevel:
+        Z = _coarse_basis(layout, free)
+        AZ = np.concatenate(
+            [apply(Z[:, i : i + block].toarray()) for i in range(0, Z.shape[1], block)]
+            or [np.zeros((layout.n_param, 0))],
+            axis=1,
         )
-        d[: lay.n_zp] += q.ravel()
-        return d
+        E = np.asarray(Z.T @ AZ)
+        E = 0.5 * (E + E.T)
+        return cls(smoother, free, Z, np.linalg.pinv(E, rcond=1e-12, hermitian=True))
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        y = self.smoother(r)
+        c = self.Einv @ np.asarray(self.Z.T @ r)
+        return y + np.asarray(self.Z @ c)
+
+
+def _coarse_basis(layout: UbercalLayout, free: np.ndarray) -> sp.csc_matrix:
+    """Directions the data leave (almost) free and that a block-diagonal
+    preconditioner cannot correct, restricted to the free parameters, one
+    column each (empty columns dropped):
+
+    * per quadrant (per focal plane with per-exposure zero points), its zero
+      points up and its cells down by the same amount: an exact null direction
+      of ``S``, fixed only by the cell prior;
+    * the mean exposure gradient (x, y) against a tilt of every quadrant's
+      starflat: told apart only by the variation within cells.
+    """
+    opt = layout.options
+    nz, nq = layout.n_zp, layout.n_q
+    rows: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    if opt.starflat:
+        ncell = layout.n_cell_per_q
+        cells = layout.n_zp + np.arange(layout.n_cell).reshape(nq, ncell)
+        if opt.zp_mode == "exposure_quadrant":
+            zps = np.arange(nz).reshape(-1, nq).T  # (nq, n_exp)
+            groups = [(zps[q], cells[q]) for q in range(nq)]
+        else:
+            groups = [(np.arange(nz), cells.ravel())]
+        for z, c in groups:
+            rows.append(np.concatenate([z, c]))
+            vals.append(np.concatenate([np.ones(len(z)), -np.ones(len(c))]))
+        if opt.exposure_gradient:
+            ncy, ncx = opt.grid
+            g0, n_exp = layout.gradient_start, len(layout.expids)
+            fx = np.tile((np.arange(ncx) + 0.5) / ncx - 0.5, ncy)
+            fy = np.repeat((np.arange(ncy) + 0.5) / ncy - 0.5, ncx)
+            for axis, f in ((0, fx), (1, fy)):
+                rows.append(np.concatenate([g0 + 2 * np.arange(n_exp) + axis, cells.ravel()]))
+                vals.append(np.concatenate([np.ones(n_exp), -np.tile(f, nq)]))
+    cols = [np.full(len(r), i) for i, r in enumerate(rows)]
+    if not rows:
+        return sp.csc_matrix((layout.n_param, 0))
+    r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    keep = free[r]
+    Z = sp.csc_matrix((v[keep], (r[keep], c[keep])), shape=(layout.n_param, len(rows)))
+    return Z[:, np.flatnonzero(np.diff(Z.indptr) > 0)]
 
 
 def _pcg(
@@ -723,7 +825,7 @@ class IterativeResult:
     mean_zp_err: float
     passes: int
     converged: bool
-    cg_iterations: int
+    cg_iterations: tuple[int, ...]  # per solve, the error estimate's last
     method: str
 
 
@@ -731,12 +833,14 @@ def solve_iterative(source: ObservationSource, layout: UbercalLayout) -> Iterati
     """The outlier passes around the matrix-free solver (module docstring)."""
     opt = layout.options
     n_obs = source.map_reduce(len)
-    n_parts = max(1, math.ceil(n_obs / opt.partition_obs))
-    parts = partition(source, layout, n_parts)
+    # At least one partition per thread once there is enough to share.
+    n_parts = max(1, math.ceil(n_obs / opt.partition_obs), min(opt.threads, n_obs // 250_000))
+    parts = partition(source, layout, n_parts, threads=opt.threads)
     P = parameter_prior(layout)
     p: np.ndarray | None = None
     x = np.zeros(layout.n_param)
-    passes = cg_total = 0
+    passes = 0
+    cg: list[int] = []  # iterations of each solve
     converged = False
     solved = None
     while True:
@@ -753,24 +857,29 @@ def solve_iterative(source: ObservationSource, layout: UbercalLayout) -> Iterati
             if not sums.n_newly and changed <= opt.clip_tolerance * counts["n_good"]:
                 converged = True
                 if changed and sums.rhs is not None:
-                    solved = _solve_pass(parts, layout, sums, P, x)
-                    cg_total += solved[3]
+                    solved = _solve_pass(parts, layout, sums, P, x, solved[2][3])
+                    cg.append(solved[3])
                 break
         if final:
             break
-        solved = _solve_pass(parts, layout, sums, P, x)
+        solved = _solve_pass(parts, layout, sums, P, x, solved[2][3] if solved else None)
         x, p = solved[0], solved[1]
-        cg_total += solved[3]
+        cg.append(solved[3])
     if solved is None:
         raise UbercalError("max_iterations left no pass to solve")
     x, p, (active, free, flags, precond), _ = solved
     return _result(
-        parts, layout, sums, x, p, active, free, flags, precond, P, passes, converged, cg_total
+        parts, layout, sums, x, p, active, free, flags, precond, P, passes, converged, cg
     )
 
 
 def _solve_pass(
-    parts: Partitions, layout: UbercalLayout, sums: _PassSums, P: sp.csr_matrix, x0: np.ndarray
+    parts: Partitions,
+    layout: UbercalLayout,
+    sums: _PassSums,
+    P: sp.csr_matrix,
+    x0: np.ndarray,
+    previous: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple, int]:
     opt = layout.options
     blocks = sums.blocks
@@ -785,8 +894,8 @@ def _solve_pass(
         raise UbercalError("no zero point is constrained: no star is observed twice")
     _check_components(sums.components, layout, active)
     free = active & ~_gauge_pins(layout, active, diag_s + diag_p)
-    precond = _BlockJacobi.build(layout, blocks, P, free, opt.preconditioner)
     apply = _masked_operator(parts, P, free)
+    precond = _preconditioner(layout, blocks, P, free, apply, previous)
     b = np.where(free, sums.rhs, 0.0)
     x, it = _pcg(
         apply,
@@ -798,6 +907,25 @@ def _solve_pass(
     )
     p = np.where(active, x, np.nan)
     return x, p, (active, free, prior_dominated(diag_s, P), precond), it
+
+
+def _preconditioner(
+    layout: UbercalLayout,
+    blocks: _Blocks,
+    P: sp.csr_matrix,
+    free: np.ndarray,
+    apply: Callable[[np.ndarray], np.ndarray],
+    previous: Any = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The ``preconditioner`` of the options (docs/ubercal.md has the
+    measurements); the coarse part of ``previous`` is kept when it fits."""
+    kind = layout.options.preconditioner
+    smoother = _BlockJacobi.build(layout, blocks, P, free, kind)
+    if kind != "two_level":
+        return smoother
+    if isinstance(previous, _TwoLevel) and np.array_equal(previous.free, free):
+        return _TwoLevel(smoother, free, previous.Z, previous.Einv)
+    return _TwoLevel.build(smoother, layout, free, apply)
 
 
 def _masked_operator(
@@ -902,11 +1030,11 @@ def _result(
     active: np.ndarray,
     free: np.ndarray,
     flags: np.ndarray,
-    precond: _BlockJacobi,
+    precond: Callable[[np.ndarray], np.ndarray],
     P: sp.csr_matrix,
     passes: int,
     converged: bool,
-    cg_total: int,
+    cg: list[int],
 ) -> IterativeResult:
     opt = layout.options
     k = opt.error_samples if opt.compute_errors else 0
@@ -929,7 +1057,7 @@ def _result(
             tol=opt.error_cg_tolerance,
             max_iter=opt.cg_max_iterations,
         )
-        cg_total += it
+        cg.append(it)
         tx = _gauge_transform(samples, layout, active, centre_zp=False)
         zp_act = active[: layout.n_zp]
         mean_zp_err = float(np.std(tx[: layout.n_zp][zp_act].mean(axis=0), ddof=1))
@@ -958,6 +1086,6 @@ def _result(
         mean_zp_err=mean_zp_err,
         passes=passes,
         converged=converged,
-        cg_iterations=cg_total,
+        cg_iterations=tuple(cg),
         method=f"pcg-{opt.preconditioner}",
     )
