@@ -298,7 +298,7 @@ def main() -> None:
         "--compare",
         nargs="*",
         default=(),
-        choices=("block_jacobi", "jacobi", "two_level"),
+        choices=("block_jacobi", "jacobi", "two_level", "two_level_exposures"),
         help="time one linear solve per preconditioner at each size (iteration counts)",
     )
     ap.add_argument("--no-fit", action="store_true", help="only the --compare solves")

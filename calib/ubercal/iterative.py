@@ -46,6 +46,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.csgraph
+import scipy.sparse.linalg
 
 from calib.ubercal.errors import DisconnectedGraphError, UbercalError
 from calib.ubercal.gauge import _gauge_pins, _gauge_transform, anchor_stars
@@ -676,48 +677,112 @@ class _BlockJacobi:
 class _TwoLevel:
     """Block Jacobi plus an additive coarse correction on the modes it cannot
     see: ``M^-1 r = B^-1 r + Z E^-1 Z^T r`` with ``E = Z^T A Z`` (Galerkin),
-    ``Z`` the near-null directions of the reduced system (:func:`_coarse_basis`),
-    ``A`` the operator being solved. ``E`` costs ``Z.shape[1]`` products (done
-    in blocks, one multi-right-hand-side product each), so it is computed once
-    and kept through the outlier passes while the free parameters stay the same:
-    the selection changes a few observations per pass, and a preconditioner
-    only has to be close."""
+    ``A`` the operator being solved and ``Z`` the coarse space: the near-null
+    directions of the reduced system (:func:`_coarse_basis`, ``'two_level'``),
+    and with ``'two_level_exposures'`` also one aggregate per exposure (all its
+    zero points together: the smooth, footprint-wide modes of the zero-point
+    graph, which a block-diagonal preconditioner leaves to ever more
+    iterations as the footprint grows).
+
+    ``E`` on the near-null directions costs one product per direction (in
+    blocks, one multi-right-hand-side product each); on the exposure aggregates
+    it is summed from the partitions exactly (``diag(W) - B D^-1 B^T``, ``B``
+    the exposure-star weights), a sparse matrix factorised once, the rest
+    eliminated onto the few near-null directions. Both are computed once and
+    kept through the outlier passes while the free parameters stay the same:
+    the selection changes a few observations per pass, and a preconditioner only
+    has to be close."""
 
     def __init__(
         self,
         smoother: _BlockJacobi,
         free: np.ndarray,
-        Z: sp.csc_matrix,
-        Einv: np.ndarray,
+        coarse: _Coarse,
     ) -> None:
         self.smoother = smoother
         self.free = free
-        self.Z = Z
-        self.Einv = Einv
+        self.coarse = coarse
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        return self.smoother(r) + self.coarse(r)
+
+
+@dataclass(frozen=True)
+class _Coarse:
+    """The coarse correction ``Z E^-1 Z^T r`` of :class:`_TwoLevel`: ``Zg`` the
+    near-null directions, ``Ze`` the exposure aggregates (free zero points of
+    each exposure), ``Ee`` their factorised block, ``Eeg`` its coupling to the
+    directions, ``Sc_inv`` the inverse of the directions' block once the
+    exposures are eliminated."""
+
+    Zg: sp.csc_matrix
+    Sc_inv: np.ndarray
+    Ze: sp.csc_matrix | None = None
+    Ee: Any = None  # scipy.sparse.linalg.SuperLU
+    Eeg: np.ndarray | None = None
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        rg = np.asarray(self.Zg.T @ r)
+        if self.Ze is None:
+            return np.asarray(self.Zg @ (self.Sc_inv @ rg))
+        assert self.Eeg is not None
+        ye = self.Ee.solve(np.asarray(self.Ze.T @ r))
+        cg = self.Sc_inv @ (rg - self.Eeg.T @ ye)
+        ce = ye - self.Ee.solve(self.Eeg @ cg)
+        return np.asarray(self.Zg @ cg) + np.asarray(self.Ze @ ce)
 
     @classmethod
     def build(
         cls,
-        smoother: _BlockJacobi,
         layout: UbercalLayout,
         free: np.ndarray,
         apply: Callable[[np.ndarray], np.ndarray],
-        block: int = 32,
-    ) -> _TwoLevel:
+        parts: Partitions | None,
+        block: int = 16,
+    ) -> _Coarse:
         Z = _coarse_basis(layout, free)
         AZ = np.concatenate(
             [apply(Z[:, i : i + block].toarray()) for i in range(0, Z.shape[1], block)]
             or [np.zeros((layout.n_param, 0))],
             axis=1,
         )
-        E = np.asarray(Z.T @ AZ)
-        E = 0.5 * (E + E.T)
-        return cls(smoother, free, Z, np.linalg.pinv(E, rcond=1e-12, hermitian=True))
+        Egg = np.asarray(Z.T @ AZ)
+        Egg = 0.5 * (Egg + Egg.T)
+        if parts is None:
+            return cls(Z, np.linalg.pinv(Egg, rcond=1e-12, hermitian=True))
+        nz, n_exp = layout.n_zp, len(layout.expids)
+        exp_of_zp = np.arange(nz) // (
+            layout.n_q if layout.options.zp_mode == "exposure_quadrant" else 1
+        )
+        ze = np.where(free[:nz], exp_of_zp, -1)
+        zi = np.flatnonzero(ze >= 0)
+        Ze = sp.csc_matrix((np.ones(len(zi)), (zi, ze[zi])), shape=(layout.n_param, n_exp))
+        Ee = parts.map_reduce(functools.partial(_exposure_block, ze=ze, n_exp=n_exp)).tocsc()
+        Eeg = np.asarray(Ze.T @ AZ)
+        # Exposures without a free zero point: identity rows (never reached by r).
+        empty = np.flatnonzero(Ee.diagonal() <= 0)
+        Ee = (Ee + sp.csc_matrix((np.ones(len(empty)), (empty, empty)), shape=Ee.shape)).tocsc()
+        lu = scipy.sparse.linalg.splu(Ee)
+        Sc = Egg - Eeg.T @ lu.solve(Eeg)
+        Sc = 0.5 * (Sc + Sc.T)
+        return cls(Z, np.linalg.pinv(Sc, rcond=1e-12, hermitian=True), Ze, lu, Eeg)
 
-    def __call__(self, r: np.ndarray) -> np.ndarray:
-        y = self.smoother(r)
-        c = self.Einv @ np.asarray(self.Z.T @ r)
-        return y + np.asarray(self.Z @ c)
+
+def _exposure_block(part: _Part, ze: np.ndarray, n_exp: int) -> sp.csr_matrix:
+    """This partition's ``Z_e^T S Z_e`` on the exposure aggregates: per
+    exposure the weights of its observations in use, less their star-mean
+    projections ``B D^-1 B^T`` (``B``: weight of each exposure-star pair)."""
+    assert part.wu is not None
+    assert part.inv_w is not None
+    zp = part.C.indices[part.C.indptr[:-1]]  # the first column of a row is its zero point
+    e = ze[zp]
+    k = np.flatnonzero((part.wu > 0) & (e >= 0))
+    star = part.prep.ix.star[k]
+    w = part.wu[k]
+    n_s = part.layout.n_star
+    B = sp.csr_matrix((w, (e[k], star)), shape=(n_exp, n_s))
+    W = sp.diags(np.bincount(e[k], weights=w, minlength=n_exp))
+    return (W - B @ sp.diags(part.inv_w) @ B.T).tocsr()
 
 
 def _coarse_basis(layout: UbercalLayout, free: np.ndarray) -> sp.csc_matrix:
@@ -895,7 +960,7 @@ def _solve_pass(
     _check_components(sums.components, layout, active)
     free = active & ~_gauge_pins(layout, active, diag_s + diag_p)
     apply = _masked_operator(parts, P, free)
-    precond = _preconditioner(layout, blocks, P, free, apply, previous)
+    precond = _preconditioner(layout, blocks, P, free, apply, parts, previous)
     b = np.where(free, sums.rhs, 0.0)
     x, it = _pcg(
         apply,
@@ -915,17 +980,19 @@ def _preconditioner(
     P: sp.csr_matrix,
     free: np.ndarray,
     apply: Callable[[np.ndarray], np.ndarray],
+    parts: Partitions,
     previous: Any = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The ``preconditioner`` of the options (docs/ubercal.md has the
     measurements); the coarse part of ``previous`` is kept when it fits."""
     kind = layout.options.preconditioner
     smoother = _BlockJacobi.build(layout, blocks, P, free, kind)
-    if kind != "two_level":
+    if kind not in ("two_level", "two_level_exposures"):
         return smoother
     if isinstance(previous, _TwoLevel) and np.array_equal(previous.free, free):
-        return _TwoLevel(smoother, free, previous.Z, previous.Einv)
-    return _TwoLevel.build(smoother, layout, free, apply)
+        return _TwoLevel(smoother, free, previous.coarse)
+    coarse = _Coarse.build(layout, free, apply, parts if kind == "two_level_exposures" else None)
+    return _TwoLevel(smoother, free, coarse)
 
 
 def _masked_operator(

@@ -88,13 +88,15 @@ class UbercalOptions:
         this fraction of the right-hand side's.
     cg_max_iterations : int
         Iterative solver: most iterations per solve.
-    preconditioner : {'block_jacobi', 'jacobi', 'two_level'}
+    preconditioner : {'block_jacobi', 'jacobi', 'two_level', 'two_level_exposures'}
         Iterative solver: exact diagonal blocks of the Schur complement per
         exposure (its zero points and gradients), the diagonal elsewhere; or the
         diagonal only; or the blocks plus a coarse correction on the directions
         the data leave almost free (per quadrant its zero points against its
-        cells, the mean exposure gradient against a starflat tilt; docs/ubercal.md
-        has the measurements).
+        cells, the mean exposure gradient against a starflat tilt), and with
+        ``'two_level_exposures'`` one coarse unknown per exposure as well (all
+        its zero points: the footprint-wide modes); docs/ubercal.md has the
+        measurements.
     partition_obs : int
         Iterative solver: observations per star-complete partition (every
         observation of a star in one partition, so that the star block is
@@ -166,7 +168,9 @@ class UbercalOptions:
     dense_max_params: int = 8000
     cg_tolerance: float = 1e-9
     cg_max_iterations: int = 3000
-    preconditioner: Literal["block_jacobi", "jacobi", "two_level"] = "block_jacobi"
+    preconditioner: Literal["block_jacobi", "jacobi", "two_level", "two_level_exposures"] = (
+        "block_jacobi"
+    )
     partition_obs: int = 2_000_000
     error_cg_tolerance: float = 1e-3
     anchor: Literal["prior", "offset"] = "prior"
@@ -190,10 +194,15 @@ class UbercalOptions:
             raise ValueError(
                 f"solver must be 'auto', 'dense', 'sparse' or 'iterative', got {self.solver!r}"
             )
-        if self.preconditioner not in ("block_jacobi", "jacobi", "two_level"):
+        if self.preconditioner not in (
+            "block_jacobi",
+            "jacobi",
+            "two_level",
+            "two_level_exposures",
+        ):
             raise ValueError(
-                "preconditioner must be 'block_jacobi', 'jacobi' or 'two_level', "
-                f"got {self.preconditioner!r}"
+                "preconditioner must be 'block_jacobi', 'jacobi', 'two_level' or "
+                f"'two_level_exposures', got {self.preconditioner!r}"
             )
         if isinstance(self.cells, list):  # from JSON (pydantic, attrs)
             object.__setattr__(self, "cells", tuple(self.cells))

@@ -353,7 +353,7 @@ def test_pair_sums_bincount_and_sort_paths(na, nb, n, seed):
         np.testing.assert_allclose([got[key] for key in expect], list(expect.values()))
 
 
-@pytest.mark.parametrize("preconditioner", ["block_jacobi", "two_level"])
+@pytest.mark.parametrize("preconditioner", ["block_jacobi", "two_level", "two_level_exposures"])
 def test_iterative_and_direct_solutions_agree(small_survey, small_solution, preconditioner):
     """The matrix-free PCG path (four star-complete partitions) against the dense
     Cholesky of the formed Schur complement, outlier passes included: PCG stops
