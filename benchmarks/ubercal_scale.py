@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import math
 import multiprocessing
@@ -43,8 +44,8 @@ import operator
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from calib.ubercal import (
     build_layout,
     solve_ubercal,
 )
+from calib.ubercal.iterative import InMemoryPartitions, partition_in_memory
 from sim.catalogsim import CatalogSurveyConfig, CatalogSurveyPlan, plan_catalog_survey
 
 T = TypeVar("T")
@@ -103,6 +105,7 @@ class GeneratedObservations:
     kept in compact columns and handed out in chunks of ``chunk_obs``."""
 
     def __init__(self, plan: CatalogSurveyPlan, chunk_obs: int = 2_000_000) -> None:
+        self.hand_over = False
         self.chunks: list[ObservationChunk] = []
         pending: list[dict[str, np.ndarray]] = []
         n = 0
@@ -125,8 +128,31 @@ class GeneratedObservations:
     def map_reduce(self, fn: Callable[[ObservationChunk], T]) -> T:
         return functools.reduce(operator.add, (fn(c) for c in self.chunks))
 
-    def __iter__(self) -> Iterator[ObservationChunk]:
-        return iter(self.chunks)
+    def partition(
+        self, key: Callable[[ObservationChunk], np.ndarray], n_parts: int, build: Callable
+    ) -> InMemoryPartitions:
+        """The iterative solver's regrouping. With ``hand_over`` set (the last
+        fit of this source) it takes the chunks over: each is let go once split,
+        so the observations are not held twice (as the stage's Dask source keeps
+        them where they were read), and the source is then empty."""
+        if not self.hand_over:
+            return partition_in_memory(self, key, n_parts, build)
+        chunks, self.chunks = self.chunks, []
+        return partition_in_memory(_Consumed(chunks), key, n_parts, build)
+
+
+@dataclasses.dataclass
+class _Consumed:
+    """Chunks handed to one ``map_reduce``, each dropped once ``fn`` has seen it."""
+
+    chunks: list[ObservationChunk]
+
+    def map_reduce(self, fn: Callable[[ObservationChunk], T]) -> T:
+        total = None
+        while self.chunks:
+            y = fn(self.chunks.pop(0))
+            total = y if total is None else total + y
+        return cast(T, total)
 
 
 def zp_accuracy(
@@ -190,6 +216,7 @@ def _fit_in_child(
             flush=True,
         )
     if fit:
+        source.hand_over = True
         w0, c0 = _usage()
         sol = solve_ubercal(source, reference=ref, options=options, **quad)
         w1, c1 = _usage()
@@ -302,7 +329,7 @@ def main() -> None:
         help="time one linear solve per preconditioner at each size (iteration counts)",
     )
     ap.add_argument("--no-fit", action="store_true", help="only the --compare solves")
-    ap.add_argument("--preconditioner", default="two_level")
+    ap.add_argument("--preconditioner", default="two_level_exposures")
     ap.add_argument("--cg-tolerance", type=float, default=1e-7)
     ap.add_argument("--error-samples", type=int, default=16)
     ap.add_argument("--cholmod-max-obs", type=float, default=1.1e6)

@@ -174,7 +174,10 @@ def partition(
     key = star_partition(layout.source_ids, n_parts)
     build = functools.partial(_build_part, layout=layout, n_parts=n_parts)
     if hasattr(source, "partition"):
-        return source.partition(key, n_parts, build)  # type: ignore[no-any-return]
+        parts = source.partition(key, n_parts, build)
+        if isinstance(parts, InMemoryPartitions):
+            return dataclasses.replace(parts, threads=threads)
+        return parts  # type: ignore[no-any-return]
     return partition_in_memory(source, key, n_parts, build, threads=threads)
 
 
@@ -603,7 +606,10 @@ def _pass(part: _Part, p: np.ndarray | None, final: bool) -> tuple[_Part, _PassS
         out = dataclasses.replace(
             out, rhs=_rhs(part), blocks=_blocks(part), components=_components(part)
         )
-    return dataclasses.replace(part, stats=stats, newly=newly), out
+    # The partition keeps its stars' statistics only: the QA histograms (one
+    # per map pixel and residual bin, ~80 MB) go into the sum and nowhere else.
+    kept = dataclasses.replace(stats, qa_hist=np.zeros((0, 0), dtype=np.int64))
+    return dataclasses.replace(part, stats=kept, newly=newly), out
 
 
 # --- the driver ---------------------------------------------------------------------

@@ -169,7 +169,7 @@ class UbercalOptions:
     cg_tolerance: float = 1e-9
     cg_max_iterations: int = 3000
     preconditioner: Literal["block_jacobi", "jacobi", "two_level", "two_level_exposures"] = (
-        "block_jacobi"
+        "two_level_exposures"
     )
     partition_obs: int = 2_000_000
     error_cg_tolerance: float = 1e-3
