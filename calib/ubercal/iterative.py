@@ -17,11 +17,15 @@ formed. (Night catalogs are not star-complete, a star is seen on many nights:
 their ``S x`` would need two passes with a star-sized exchange between them.)
 
 Preconditioned conjugate gradients solve ``(S + P) x = b`` (``P`` the
-parameter priors) on the parameters left free by the gauge pins; the
-preconditioner is the exact block diagonal of ``S``: per exposure its zero
-points and gradient coefficients (an arrowhead block: zero points of one
-exposure share no star), per parameter elsewhere. Each outlier pass starts
-from the previous solution (warm start).
+parameter priors) on the parameters left free by the gauge pins. The
+preconditioner (``UbercalOptions.preconditioner``, measured in docs/ubercal.md)
+is the exact block diagonal of ``S`` -- per exposure its zero points and
+gradient coefficients (an arrowhead block: zero points of one exposure share no
+star), per parameter elsewhere -- plus, by default, a Galerkin coarse correction
+on the directions the data leave almost free (per quadrant its zero points
+against its cells; the mean gradient against a starflat tilt) and on one
+aggregate per exposure, which keeps the iteration count flat as the footprint
+grows. Each outlier pass starts from the previous solution (warm start).
 
 Errors: stochastic, through the same solver at a looser tolerance: solutions
 ``x_k = (S + P)^-1 b(eps_k)`` for ``error_samples`` draws of the data noise
