@@ -205,6 +205,10 @@ class DaskPartitions:
     def map_reduce(self, fn: Callable[[Any], T]) -> T:
         return self.map(fn).sum()
 
+    def map_sum(self, fn: Callable[[Any], tuple[Any, T]]) -> tuple[DaskPartitions, T]:
+        step = self.map(fn)
+        return step.map(operator.itemgetter(0)), step.map(operator.itemgetter(1)).sum()
+
     def sum(self) -> Any:
         """The pairwise (tree) sum of the partitions' values, computed on the workers."""
         parts = list(self.futures)
