@@ -45,6 +45,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -353,12 +354,28 @@ def main() -> None:
     )
     rows = []
     for n in args.sizes:
-        row = _in_child(_fit_in_child, n, args.seed, options, list(args.compare), not args.no_fit)
+        t0 = time.perf_counter()
+        try:
+            row = _in_child(
+                _fit_in_child, n, args.seed, options, list(args.compare), not args.no_fit
+            )
+        except BrokenProcessPool:
+            # Killed (the kernel's OOM killer, most often): the sizes that finished
+            # still make the table and the summary line.
+            print(
+                f"{n:g} obs: the fitting process died after {time.perf_counter() - t0:.0f} s "
+                f"(killed, most likely for memory); {load()}",
+                flush=True,
+            )
+            continue
         row["load"] = load()
         rows.append(row)
         print(row, flush=True)
         if n <= args.cholmod_max_obs:
-            peer = _in_child(_cholmod_in_child, n, args.seed, options)
+            try:
+                peer = _in_child(_cholmod_in_child, n, args.seed, options)
+            except BrokenProcessPool:
+                peer = f"CHOLMOD at {n:g} obs: the process died (killed, most likely for memory)"
             if isinstance(peer, str):
                 print(peer)
             else:
