@@ -240,7 +240,8 @@ def test_real_night_with_the_stage_defaults(feder_night, tmp_path):
         config = UbercalStageConfig(band="r", plots=False, options=options)
         run_ubercal_stage(str(copy), refcat, config)
         sizing = read_group(copy, "ubercal/r").attrs["sizing"]
-        assert sizing["cells_rule"] == "auto" and tuple(sizing["cells"]) == (1, 1)
+        assert sizing["cells_rule"] == "auto"
+        assert tuple(sizing["cells"]) == (1, 1)
         assert sizing["dither_rms"] < 1.0 / UbercalOptions().auto_cells_per_dither
-    k_ubercal, *_ = _extinction_line(copy)
+    k_ubercal, *_ = _extinction_line(tmp_path / "no_gradient.zarr")
     assert abs(k_ubercal - k_table) < 3 * k_table_err
