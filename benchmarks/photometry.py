@@ -23,8 +23,11 @@ seconds of this process (``time.process_time``: user + system, best of
 The process's allocator is first left as it is (ours is timed so, one line),
 then set as the stage's workers set it (``tasks.allocator.keep_freed_memory``:
 freed image-size blocks are reused, not handed back to the kernel and faulted in
-again) for ours and the peers; the final line is that. ``--steps`` adds the CPU
-seconds of each step of ours (the stage's functions timed where they are called).
+again) for ours and the peers; the final line is that. The stage's quadrant QA
+(detection match to the forced positions) is timed on its own line, outside the
+chain. ``--steps`` adds the CPU seconds of each step of ours (the stage's
+functions timed where they are called). ``benchmarks/photometry_outputs.py``
+compares the chain's outputs on this quadrant between two checkouts.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from calib.photometry import aperture_sums, catalog_positions, photometer_quadrant
+from calib.photometry.qa import quadrant_qa
 from calib.pixel_area import pixel_area_map
 from calib.reduce import reduce_quadrant, to_fluence
 from sim.config import make_config
@@ -91,6 +95,12 @@ def render_quadrant(quadrant: int, seed: int, path: str) -> dict[str, Any]:
 
 def ours(q: dict[str, Any]) -> tuple[Any, Any]:
     """The stage's chain for one quadrant, from the FITS file."""
+    reduced, phot, _, _ = _ours_with_positions(q)
+    return reduced, phot
+
+
+def _ours_with_positions(q: dict[str, Any]) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """:func:`ours`, and the WCS positions of the forced stars (for the QA)."""
     (frame,) = read_quadrants(q["path"])
     wcs: WCS = frame.wcs
     area = pixel_area_map(wcs, frame.data.shape)
@@ -100,7 +110,8 @@ def ours(q: dict[str, Any]) -> tuple[Any, Any]:
         saturate_adu=frame.header.saturate_adu, pixel_area=area, defects=q["defects"],
     )  # fmt: skip
     rows, x, y = catalog_positions(wcs, q["ra"], q["dec"], frame.data.shape)
-    return reduced, photometer_quadrant(reduced, x, y, q["ref_mag"][rows])
+    phot = photometer_quadrant(reduced, x, y, q["ref_mag"][rows])
+    return reduced, phot, x[phot.index], y[phot.index]
 
 
 def sep_peer(reduced: Any, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
@@ -178,7 +189,8 @@ def _step_times(q: dict[str, Any], repeat: int) -> dict[str, float]:
     finally:
         for label, (space, name) in steps.items():
             space[name] = originals[label]
-    return {**best, "whole chain": best_total}
+    # In the chain's order (``spent`` has them in the order they returned).
+    return {label: best[label] for label in steps if label in best} | {"whole chain": best_total}
 
 
 def main() -> None:
@@ -197,7 +209,10 @@ def main() -> None:
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
         c_default, w_default, _ = _best(lambda: ours(q), args.repeat)
         tuned = keep_freed_memory()
-        c_ours, w_ours, (reduced, phot) = _best(lambda: ours(q), args.repeat)
+        c_ours, w_ours, (reduced, phot, x_wcs, y_wcs) = _best(
+            lambda: _ours_with_positions(q), args.repeat
+        )
+        c_qa, w_qa, qa = _best(lambda: quadrant_qa(reduced, phot, x_wcs, y_wcs), args.repeat)
         steps = _step_times(q, args.repeat) if args.steps else {}
         px, py, r = phot.x, phot.y, phot.aperture_radius_px
         c_sep, w_sep, f_sep = _best(lambda: sep_peer(reduced, px, py, r), args.repeat)
@@ -212,11 +227,13 @@ def main() -> None:
         ("ours, the process's allocator as it was", c_default, w_default),
         ("ours: read, reduce, area, positions, background, photometry, flags, apcorr",
          c_ours, w_ours),
+        ("the stage's quadrant QA (detection match), not in the above", c_qa, w_qa),
         ("sep: Background + sum_circle", c_sep, w_sep),
         ("photutils: Background2D + aperture_photometry", c_pu, w_pu),
     ):  # fmt: skip
         print(f"{name[:58]:<58}{c:>8.2f}{w:>8.2f}")
     print(f"allocator set as the stage's workers set it (keep_freed_memory): {tuned}")
+    print(f"QA: match rate {qa.match_rate:.3f}, astrometric rms {qa.astrometric_rms_px:.4f} px")
     if steps:
         print("CPU s per step of ours (best whole run):")
         for label, t in steps.items():
