@@ -13,7 +13,7 @@ prefix sums and its median is an element, and the loop costs nothing beside the
 sort. The clipped values are then set to NaN in the mesh array of
 ``Background2D``'s own layout and the same numpy reductions
 (``np.nanmean``, ``np.nanstd``) make the estimates, so they are bit for bit
-``Background2D``'s (``tests/calib/test_background.py`` compares them on images
+``Background2D``'s (``tests/calib/test_mesh_background.py`` compares them on images
 with partial edge meshes, masked and excluded meshes); the median estimator is
 the middle element of the sorted range (or the float32 mean of the two middle
 ones, as ``np.median`` computes it). The clipping bounds agree with astropy's
