@@ -26,9 +26,9 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/photocal demo $(DEMO_ARGS)
 
+# The test command checks what `make lint` checks, then runs the suite.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
-test: $(VENV)/.installed-dev
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc

@@ -1,4 +1,4 @@
-"""The ``photocal`` command line: simulate, run, demo, serve, store."""
+"""The ``photocal`` command line: simulate, run, report, demo, serve, store, config, ingest."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 os.environ.setdefault("DASK_DISTRIBUTED__WORKER__DAEMON", "False")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")  # and the client's: no first-run notice
 
 from typing import TYPE_CHECKING
 
+from flows.console import ProgressBars, quiet_console
 from sim.config import INSTRUMENTS, PRESETS
 
 if TYPE_CHECKING:
@@ -50,14 +52,42 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {value}")
+    return value
+
+
+def _add_nights(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--night",
+        dest="nights",
+        action="append",
+        type=_night,
+        metavar="YYYY-MM-DD",
+        help=help_text,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="photocal", description="Nightly photometric calibration of a wide-field survey."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print Prefect's per-task log lines and library warnings (they always "
+        "reach the Prefect API)",
+    )
 
     p = sub.add_parser(
-        "simulate", help="simulate a survey: raw FITS, reference catalog, truth store"
+        "simulate",
+        parents=[common],
+        help="simulate a survey: raw FITS, reference catalog, truth store",
     )
     p.add_argument("out", type=Path, help="output directory (raw/, refcat.fits, truth.zarr)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -82,26 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write one damaged raw file of each kind under raw/damaged/",
     )
+    p.add_argument(
+        "--transients",
+        type=_positive,
+        default=None,
+        help="add N transients with light curves in host galaxies (truth in truth.zarr, "
+        "targets in OUT/targets.ecsv); without it the preset is unchanged",
+    )
 
-    p = sub.add_parser("run", help="run pipeline stages through the Prefect flow")
+    p = sub.add_parser("run", parents=[common], help="run pipeline stages through the Prefect flow")
     p.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
     p.add_argument("--raw", help="raw FITS root (searched recursively); needed by 'index'")
     p.add_argument(
-        "--refcat", type=Path, help="reference catalog (FITS or ECSV); needed by 'photometry'"
+        "--refcat",
+        type=Path,
+        help="reference catalog (FITS or ECSV); needed by reduce, photometry, ubercal, "
+        "train and score",
     )
-    p.add_argument(
-        "--night",
-        dest="nights",
-        action="append",
-        type=_night,
-        help="observing night YYYY-MM-DD (repeatable; default: all found)",
-    )
+    _add_nights(p, "observing night by its evening date (repeatable; default: all found)")
     p.add_argument(
         "--stages",
         type=_stages,
         default=None,
-        help="comma-separated stages, in order: index,masters,reduce,photometry,ubercal,"
-        "train,score,transients (default: the per-night stages, index to photometry)",
+        metavar="STAGE,...",
+        help="comma-separated stages of index,masters,reduce,photometry,ubercal,lightcurves,train,"
+        "score,transients, in any order: they always run in that order (default: "
+        "index,masters,reduce,photometry)",
+    )
+    p.add_argument(
+        "--targets",
+        type=Path,
+        help="targets table (ECSV, CSV or FITS: name, ra, dec [deg], optional "
+        "no_flux_before/no_flux_after [MJD]); needed by 'lightcurves'",
     )
     p.add_argument(
         "--checkpoint",
@@ -123,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--site-longitude",
         type=float,
         default=None,
-        help="east-positive site longitude in degrees (default: Palomar)",
+        metavar="DEG",
+        help="east-positive site longitude in degrees (default: -116.865, Palomar)",
     )
     p.add_argument(
         "--keep-reduced",
@@ -159,9 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest_parser(sub)
 
     p = sub.add_parser(
-        "serve", help="local production stack: prefect server, work pool, worker, deployments"
+        "report",
+        parents=[common],
+        help="static HTML QA report of a store: index.html and a page per night",
     )
-    p.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1")
+    p.add_argument("store", help="Zarr store path or fsspec URL")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    _add_nights(p, "night to report, by its evening date (repeatable; default: every night)")
+
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="local production stack: prefect server, work pool, worker, deployments",
+    )
+    p.add_argument("--port", type=_port, default=4200, help="server (API and UI) port on 127.0.0.1")
     p.add_argument(
         "--no-worker",
         dest="worker",
@@ -173,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_parser(sub)
 
-    p = sub.add_parser("demo", help="simulate a small survey and run the pipeline on it")
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="simulate a small survey, run the pipeline on it and write its QA report",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--workdir", type=Path, default=Path("work/demo"))
     p.add_argument("--seed", type=int, default=0)
@@ -181,29 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(total: int, description: str):
-    """A terminal progress bar (rich), or nothing when output is not a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not sys.stdout.isatty(),
-    )
-    task_id = progress.add_task(description, total=total)
-    return progress, lambda _key: progress.advance(task_id)
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.config import make_config
     from sim.survey import Survey
     from tasks.simulate import simulate_survey
 
-    cfg = make_config(args.preset, seed=args.seed, nights=args.nights, domain=args.domain)
-    progress, advance = _progress_bar(len(Survey(cfg).exposures), "rendering exposures")
-    with progress:
+    cfg = make_config(
+        args.preset,
+        seed=args.seed,
+        nights=args.nights,
+        domain=args.domain,
+        transients=args.transients,
+    )
+    with ProgressBars() as bars:
+        advance = bars.counter("simulate", len(Survey(cfg).exposures), "exposures")
         res = simulate_survey(
             args.out, cfg, jobs=args.jobs, bad_files=args.bad_files, progress=advance
         )
@@ -214,6 +263,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"  raw:    {res.raw}")
     print(f"  refcat: {res.refcat} ({res.n_refcat} stars)")
     print(f"  truth:  {res.truth}")
+    if res.targets is not None:
+        print(f"  targets: {res.targets}")
     for kind, path in res.bad_files.items():
         print(f"  damaged ({kind}): {path}")
     return 0
@@ -235,11 +286,13 @@ def run_pipeline(
     keep_reduced: bool = False,
     checkpoint: str | None = None,
     config: PhotocalConfig | None = None,
+    targets: str | None = None,
 ) -> dict:
     from flows.api import prefect_api
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
     from tasks.config import load_config
+    from tasks.progress import listening
 
     flags: dict[str, dict] = {"reduce": {"keep_reduced": True}} if keep_reduced else {}
     if site_longitude is not None:
@@ -251,7 +304,7 @@ def run_pipeline(
         cluster=cluster,
         cluster_options=cluster_options,
     )
-    with prefect_api():
+    with prefect_api(), ProgressBars() as bars, listening(bars, remote=True):
         return photocal_run.with_options(task_runner=runner)(
             store=store,
             raw=raw,
@@ -261,6 +314,7 @@ def run_pipeline(
             refcat=refcat,
             checkpoint=checkpoint,
             config=resolved.as_dict(),
+            targets=targets,
         )
 
 
@@ -286,6 +340,14 @@ def print_summary(summary: dict) -> None:
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"  nights/{night}/catalog: {parts}")
+    for name, lc in (summary.get("lightcurves") or {}).items():
+        fit = ", ".join(
+            f"{b} chi2/dof {r['chi2_dof']:.2f}"
+            if r.get("chi2_dof") is not None
+            else f"{b} {r['error']}"
+            for b, r in lc["bands"].items()
+        )
+        print(f"  lightcurves/{name}: {lc['measured']} of {lc['epochs']} epochs measured ({fit})")
     zp = summary.get("zp") or {}
     if "train" in zp:
         m = zp["train"]["metrics"]
@@ -341,6 +403,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if "lightcurves" in stages and args.targets is None:
+        print("photocal run: --targets is required for the lightcurves stage", file=sys.stderr)
+        return 2
     from flows.runners import parse_cluster_options
 
     try:
@@ -365,6 +430,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             keep_reduced=args.keep_reduced,
             checkpoint=args.checkpoint,
             config=config,
+            targets=None if args.targets is None else str(args.targets),
         )
     except MissingInputError as err:
         if err.summary is not None:
@@ -399,27 +465,44 @@ def _run_config(args: argparse.Namespace) -> PhotocalConfig:
     return load_config(args.config, overrides=overrides)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report.html import write_report
+
+    try:
+        files = write_report(args.store, args.out, args.nights)
+    except ValueError as err:
+        print(f"photocal report: {err}", file=sys.stderr)
+        return 2
+    print(f"QA report of {len(files.pages)} night(s): {files.index}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.pipeline import NIGHTLY_STAGES
+    from sim.config import make_config
+    from sim.survey import Survey
     from tasks.config import load_config
     from tasks.io.truth import score_ubercal
+    from tasks.report.html import write_report
     from tasks.simulate import simulate_survey
 
     work = args.workdir
     t0 = time.perf_counter()
-    print(f"[1/2] simulating the '{args.preset}' survey into {work} ...", flush=True)
-    res = simulate_survey(
-        work / "sim",
-        preset=args.preset,
-        seed=args.seed,
-        jobs=min(args.workers, os.cpu_count() or 1),
-        bad_files=True,
-    )
+    print(f"[1/3] simulating the '{args.preset}' survey into {work} ...", flush=True)
+    cfg = make_config(args.preset, seed=args.seed)
+    with ProgressBars() as bars:
+        res = simulate_survey(
+            work / "sim",
+            cfg,
+            jobs=min(args.workers, os.cpu_count() or 1),
+            bad_files=True,
+            progress=bars.counter("simulate", len(Survey(cfg).exposures), "exposures"),
+        )
     print(
         f"      {res.n_files} exposures + {len(res.bad_files)} damaged files, nights "
         f"{', '.join(res.nights)}, {res.n_refcat} reference stars ({res.wall_s:.1f} s)"
     )
-    print("[2/2] running the pipeline (Prefect flow on a local Dask cluster) ...", flush=True)
+    print("[2/3] running the pipeline (Prefect flow on a local Dask cluster) ...", flush=True)
     t1 = time.perf_counter()
     store = work / "photocal.zarr"
     summary = run_pipeline(
@@ -444,17 +527,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"mmag, own errors {sc['err_median_mmag']:.1f} mmag (median), "
             f"pull rms {sc['pull_rms']:.2f}"
         )
+    print("[3/3] writing the QA report ...", flush=True)
+    report = write_report(store, work / "report")
+    print(f"      open {report.index} (a page per night, no server needed)")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import local_stack
+    from flows.serve import check_port_free, deployments, local_stack
 
+    try:
+        check_port_free(args.port)
+    except RuntimeError as err:
+        print(f"photocal serve: {err}", file=sys.stderr)
+        return 2
     with local_stack(port=args.port, start_worker=args.worker) as stack:
         ui = stack.api_url.removesuffix("/api")
-        print(f"Prefect server: {ui} (loopback only); work pool 'photocal'; deployments:")
-        print("  nightly/nightly (cron 15:00 UTC), backfill/backfill, masters/masters")
+        worker = "a worker" if args.worker else "no worker (--no-worker)"
+        print(f"Prefect server and UI: {ui} (loopback only); work pool 'photocal' with {worker}")
+        print("deployments:")
+        for name, schedule in deployments():
+            print(f"  {name}" + (f" ({schedule})" if schedule else ""))
         print("Data and cluster come from PHOTOCAL_* variables (see README). Ctrl-C stops.")
         try:
             stack.server.wait()
@@ -565,13 +659,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "simulate": cmd_simulate,
         "run": cmd_run,
+        "report": cmd_report,
         "demo": cmd_demo,
         "serve": cmd_serve,
         "config": cmd_config,
         "ingest": cmd_ingest,
         "store": cmd_store,
     }
-    return handlers[args.command](args)
+    with quiet_console(getattr(args, "verbose", False)):
+        return handlers[args.command](args)
 
 
 if __name__ == "__main__":

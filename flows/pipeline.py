@@ -6,6 +6,7 @@ from typing import Any, Literal, get_args
 
 from prefect import flow, unmapped
 
+from flows.reporting import publish_reports, touched_nights
 from tasks.config import load_config
 from tasks.devices import gpu_workers_task, on_gpu_if_any
 from tasks.index import (
@@ -23,9 +24,11 @@ from tasks.inputs import (
     raise_for_missing,
     unbuilt_masters,
 )
+from tasks.io import groups
+from tasks.lightcurves import LightcurveConfig, lightcurve_task, plan_lightcurves_task
 from tasks.masters import MastersConfig, has_master, period_label
+from tasks.progress import forward_from_workers, track
 from tasks.reduce import PhotometryConfig, ReduceConfig, check_refcat_task
-from tasks.reports import night_report_task
 from tasks.resume import forget_results_task
 from tasks.stages import PrefectRun, masters_stage, photometry_stage
 from tasks.transients import (
@@ -50,6 +53,7 @@ StageName = Literal[
     "reduce",
     "photometry",
     "ubercal",
+    "lightcurves",
     "train",
     "score",
     "transients",
@@ -82,6 +86,9 @@ def photocal_run(
     overwrite: bool = True,
     config: str | dict[str, Any] | None = None,
     strict_nights: bool = True,
+    targets: str | None = None,
+    lightcurves: LightcurveConfig | None = None,
+    publish: bool = True,
 ) -> dict[str, Any]:
     """Run the requested stages over the raw tree and write the Zarr store.
 
@@ -94,6 +101,8 @@ def photocal_run(
     then it is only listed). Returns a small summary: per night the counts by
     status, the rejected files with their reasons, the masters written, the
     groups kept and the stage-nights skipped for a missing input (``missing``).
+    With ``publish`` every night the run touched gets its report artifacts on
+    this run (deployments publish on their own run instead).
     """
     stages = list(NIGHTLY_STAGES) if stages is None else stages
     unknown = sorted(set(stages) - set(STAGES))
@@ -124,10 +133,11 @@ def photocal_run(
             files[i : i + index.files_per_task] for i in range(0, len(files), index.files_per_task)
         ]
         validated = validate_files_task.map(unmapped(raw), chunks, unmapped(index))
+        track(validated, "index", f"{len(files)} raw files", "chunks")
         by_night = group_by_night_task(validated, nights)
         if not overwrite:
-            done = [n for n in by_night if has_master(store, f"index/{n}")]
-            summary["skipped"] += [f"index/{n}" for n in done]
+            done = [n for n in by_night if has_master(store, groups.index(n))]
+            summary["skipped"] += [groups.index(n) for n in done]
             by_night = {n: rows for n, rows in by_night.items() if n not in done}
         written = write_index_task.map(
             unmapped(store), list(by_night), unmapped(raw), list(by_night.values()), unmapped(index)
@@ -175,7 +185,15 @@ def photocal_run(
         first, last = (min(nights), max(nights)) if nights else (None, None)
         for band in bands:
             config_b = cfg.build("ubercal", band=band, first_night=first, last_night=last)
-            summary["ubercal"][band] = ubercal_task.submit(store, refcat, config_b).result()
+            fit = ubercal_task.submit(store, refcat, config_b)
+            track([fit], "ubercal", band, "fit")
+            summary["ubercal"][band] = fit.result()
+    if "lightcurves" in stages:
+        if targets is None:
+            raise ValueError("the lightcurves stage needs the targets table (--targets)")
+        summary["lightcurves"] = _lightcurves_stage(
+            store, targets, nights, lightcurves or cfg["lightcurves"]
+        )
     if "train" in stages or "score" in stages:
         if refcat is None:
             raise ValueError("the train and score stages need the reference catalog (--refcat)")
@@ -183,8 +201,8 @@ def photocal_run(
         summary["zp"] = _zp_stage(store, usable, refcat, stages, zp or cfg["zp"], checkpoint)
     if "transients" in stages:
         summary["transients"] = _transients_stage(store, nights, transients or cfg["transients"])
-    for night, counts in summary["nights"].items():
-        night_report_task(store, night, counts, summary)
+    if publish:
+        publish_reports(store, touched_nights(summary), summary)
     forget_results_task(store)  # kept only for recoveries within this run
     raise_for_missing(summary, named=strict_nights and nights is not None)
     return summary
@@ -222,9 +240,12 @@ def _zp_stage(
     gpus = gpu_workers_task.submit().result()
     with on_gpu_if_any(gpus):
         if "train" in stages:
-            out["train"] = train_zp_task.submit(store, with_photometry, checkpoint, config).result()
+            with forward_from_workers():  # the training task reports its epochs
+                trained = train_zp_task.submit(store, with_photometry, checkpoint, config)
+                out["train"] = trained.result()
         if "score" in stages:
             scored = score_zp_task.map(unmapped(store), with_photometry, unmapped(checkpoint))
+            track(scored, "score", "zero-point network", "nights")
             out["score"] = dict(zip(with_photometry, scored.result(), strict=True))
     out["gpu_workers"] = gpus
     return out
@@ -251,8 +272,20 @@ def _transients_stage(
             )
             for night in nights
         }
+    for night, parts in scored.items():
+        track(parts, "transients", night, "pairs")
     out = {
         night: write_transients_task.submit(store, night, parts, config).result()
         for night, parts in scored.items()
     }
     return {"nights": out, "gpu_workers": gpus}
+
+
+def _lightcurves_stage(
+    store: str, targets: str, nights: list[str] | None, config: LightcurveConfig
+) -> dict[str, Any]:
+    """One task per target: scene-model and difference-image light curves
+    (``lightcurves/<name>``, ``lightcurves_forced/<name>``)."""
+    planned = plan_lightcurves_task(store, targets, nights)
+    done = lightcurve_task.map(unmapped(store), planned, unmapped(config))
+    return {t.name: r for (t, _), r in zip(planned, done.result(), strict=True)}

@@ -3,6 +3,7 @@ and worker, and the deployments of infra/prefect.yaml (``photocal serve``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO / "infra" / "prefect.yaml"
 POOL = "photocal"
@@ -23,6 +26,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a port already taken: the UI and clients would silently talk to
+    whatever server holds it."""
+    with socket.socket() as s:
+        # As the server binds: a port left in TIME_WAIT by a stopped one is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} on 127.0.0.1 is in use (another Prefect server?); "
+                "choose another with --port"
+            ) from None
+
+
+def deployments() -> list[tuple[str, str]]:
+    """(flow/deployment name, schedule or '') of every deployment in infra/prefect.yaml."""
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    out = []
+    for d in spec.get("deployments", []):
+        flow_name = d["entrypoint"].rsplit(":", 1)[1].replace("_", "-")
+        crons = [f"cron {s['cron']} {s.get('timezone', 'UTC')}" for s in d.get("schedules") or []]
+        out.append((f"{flow_name}/{d['name']}", ", ".join(crons)))
+    return out
 
 
 @dataclass
@@ -72,6 +101,8 @@ def local_stack(
 ) -> Iterator[Stack]:
     """Start server (127.0.0.1 only), work pool, deployments and a worker; stop
     them on exit. ``env`` adds to the environment (PREFECT_HOME, PHOTOCAL_*)."""
+    if port:
+        check_port_free(port)
     port = port or free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     full_env = {
@@ -84,6 +115,14 @@ def local_stack(
     logs = log_dir or Path(full_env.get("PREFECT_HOME", REPO / "work")) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server_env = {k: v for k, v in full_env.items() if k != "PREFECT_API_URL"}
+    # The UI asks /ui-settings where its API is: without these it says port 4200
+    # whatever --port was, and would drive another server there.
+    server_env |= {
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
+    log_files = contextlib.ExitStack()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -98,7 +137,7 @@ def local_stack(
         ],
         cwd=REPO,
         env=server_env,
-        stdout=(logs / "server.log").open("w"),
+        stdout=log_files.enter_context((logs / "server.log").open("w")),
         stderr=subprocess.STDOUT,
     )
     worker = None
@@ -113,7 +152,7 @@ def local_stack(
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
                 cwd=REPO,
                 env=full_env,
-                stdout=(logs / "worker.log").open("w"),
+                stdout=log_files.enter_context((logs / "worker.log").open("w")),
                 stderr=subprocess.STDOUT,
             )
         yield Stack(api_url=api_url, server=server, worker=worker, env=full_env)
@@ -125,3 +164,4 @@ def local_stack(
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        log_files.close()

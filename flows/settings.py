@@ -31,5 +31,18 @@ class PhotocalSettings(BaseSettings):
         "deployment's `config` parameter replaces it.",
     )
     site_longitude_deg: float = Field(
-        -116.8650, ge=-180.0, le=360.0, description="East-positive site longitude (Palomar)."
+        -116.8650,
+        ge=-180.0,
+        le=360.0,
+        description="East-positive site longitude in degrees (default -116.865, Palomar).",
+    )
+    report_dir: str | None = Field(
+        None,
+        description="Where nightly and backfill runs write the HTML QA report; default "
+        "<store>.report beside a local store.",
+    )
+    report_url: str | None = Field(
+        None,
+        description="URL under which report_dir is published (a web server), for the "
+        "artifacts' links; default: a file:// link.",
     )

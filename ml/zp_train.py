@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -145,11 +146,14 @@ def train_zp_network(
     train: FeatureSet,
     val: FeatureSet,
     config: TrainConfig | None = None,
+    *,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> TrainedModel:
     """Train AZP-RC on ``train``, keeping the weights of the best validation MSE.
 
     Rows with a NaN target are not used. Splits must be by night
-    (ml/zp_features.split_by_night).
+    (ml/zp_features.split_by_night). ``on_epoch(epoch)`` is called after each
+    epoch (0-based), e.g. to report progress.
     """
     config = config or TrainConfig()
     train = train.select(np.isfinite(train.target_mag))
@@ -191,6 +195,8 @@ def train_zp_network(
             {"epoch": epoch, "val_mse": val_mse}
             | dict(zip(("mse", "ranking", "nll", "domain"), train_means.tolist(), strict=True))
         )
+        if on_epoch is not None:
+            on_epoch(epoch)
         if val_mse < best[0]:
             best = (val_mse, epoch, copy.deepcopy(model.state_dict()))
         elif epoch - best[1] >= config.patience:

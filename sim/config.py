@@ -150,6 +150,75 @@ class SkyConfig:
 
 
 @dataclass(frozen=True)
+class SceneConfig:
+    """Host galaxies and the transients they hold (sim/hosts.py, docs/lightcurves.md).
+
+    Times are fractions of the survey's span of science exposures, so any
+    schedule samples a light curve: zero flux before the explosion, a rise, a
+    decline. Magnitudes are in the survey's natural system, band r; the other
+    bands follow from the colours.
+    """
+
+    n_transients: int = 2
+    """Transients, each in its own host galaxy."""
+    host_mag_range: tuple[float, float] = (16.5, 20.5)
+    """Total r magnitude of the hosts (uniform)."""
+    host_r_eff_arcsec: tuple[float, float] = (1.0, 3.5)
+    """Half-light radius along the major axis (uniform)."""
+    host_sersic_n: tuple[float, float] = (0.8, 4.0)
+    """Sersic index (uniform): exponential disks to de Vaucouleurs bulges."""
+    host_axis_ratio: tuple[float, float] = (0.5, 1.0)
+    """Minor over major axis (uniform)."""
+    host_g_r: tuple[float, float] = (0.4, 0.9)
+    """Host colour g - r; r - i is half of it."""
+    offset_r_eff: tuple[float, float] = (0.0, 1.2)
+    """Distance of the transient from its host's centre, in half-light radii
+    along the host's own (elliptical) radius."""
+    peak_mag_range: tuple[float, float] = (17.0, 19.5)
+    """Peak r magnitude of the transients (uniform)."""
+    transient_g_r: tuple[float, float] = (-0.2, 0.3)
+    """Transient colour g - r; r - i is half of it."""
+    explosion_fraction: tuple[float, float] = (0.3, 0.5)
+    """Explosion time, as a fraction of the span of science exposures."""
+    rise_fraction: tuple[float, float] = (0.1, 0.2)
+    """Rise time (explosion to peak), fraction of the span."""
+    decline_mag_per_span: tuple[float, float] = (1.0, 2.5)
+    """Decline after the peak, magnitudes per span (linear in magnitude)."""
+    placement_fraction: float = 0.4
+    """Hosts lie within this fraction of the mosaic's half-size of the field
+    centre (dithers then move them over several quadrants)."""
+    min_separation_arcsec: float = 30.0
+    """Smallest distance between two hosts."""
+    clear_of_bright_arcsec: float = 8.0
+    """No star brighter than ``clear_of_bright_mag`` (or variable) this close to a
+    transient: static neighbours are modelled, variable or saturated ones are not."""
+    clear_of_bright_mag: float = 15.0
+    baseline_margin_fraction: float = 0.1
+    """The targets table's ``no_flux_before`` is the explosion time minus this
+    fraction of the span: some epochs before the explosion lie after it."""
+
+    def __post_init__(self) -> None:
+        if self.n_transients < 0:
+            raise ValueError(f"n_transients must be >= 0, got {self.n_transients}")
+        for name in (
+            "host_mag_range",
+            "host_r_eff_arcsec",
+            "host_sersic_n",
+            "host_axis_ratio",
+            "offset_r_eff",
+            "peak_mag_range",
+            "explosion_fraction",
+            "rise_fraction",
+            "decline_mag_per_span",
+        ):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"{name} must be a range lo <= hi, got {(lo, hi)}")
+        if self.host_sersic_n[0] < 0.3:
+            raise ValueError(f"host_sersic_n must be >= 0.3, got {self.host_sersic_n}")
+
+
+@dataclass(frozen=True)
 class SurveyConfig:
     """A whole simulated survey."""
 
@@ -162,6 +231,9 @@ class SurveyConfig:
     truth_pixel_maps: bool = True
     """Write per-pixel truth maps (area, flat, starflat, bias, defects). Off for
     the full-size preset, where each map is 2.4 GB."""
+    scene: SceneConfig | None = None
+    """Host galaxies and transients with light curves; None (every preset's
+    default) renders exactly the survey without them."""
 
     def replace(self, **changes: object) -> SurveyConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -245,7 +317,39 @@ def _ztf() -> SurveyConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "ztf": _ztf}
+def _field() -> SurveyConfig:
+    """One CCD at the star density of ``small``, observed every night: enough clean
+    stars per quadrant for PSF models and ubercal, and a cadence for light curves
+    (with ``transients``)."""
+    return SurveyConfig(
+        preset="field",
+        camera=CameraConfig(
+            ccd_cols=(1,),
+            ccd_rows=(1,),
+            quad_nx=192,
+            quad_ny=192,
+            n_overscan=8,
+            ccd_gap_px=6,
+            defect_fraction=3e-4,
+            dust_per_quadrant=0.5,
+            cosmics_per_mpix=20.0,
+        ),
+        instrument=INSTRUMENTS["A"],
+        schedule=ScheduleConfig(
+            n_nights=6,
+            bands=("r",),
+            n_bias=3,
+            n_dark=0,
+            leds_per_band=3,
+            n_flat_per_led=1,
+            n_science=3,
+            dither_fraction=0.3,
+        ),
+        sky=SkyConfig(stars_per_quadrant=80.0),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "ztf": _ztf, "field": _field}
 
 
 def make_config(
@@ -254,21 +358,26 @@ def make_config(
     seed: int = 0,
     nights: int | None = None,
     domain: str = "A",
+    transients: int | None = None,
 ) -> SurveyConfig:
     """Build a survey configuration from a named preset.
 
     Parameters
     ----------
-    preset : {'tiny', 'small', 'ztf'}
+    preset : {'tiny', 'small', 'ztf', 'field'}
         ``tiny``: 8 quadrants of 128x128 px, seconds. ``small``: 16 quadrants of
         512x512 px, two nights in g and r. ``ztf``: the full 64-quadrant,
-        3072x3080 focal plane, for benchmarks.
+        3072x3080 focal plane, for benchmarks. ``field``: one CCD of 192x192 px
+        quadrants, six nights of three r exposures, for light curves.
     seed : int
         Seed of every random draw.
     nights : int, optional
         Override the number of nights.
     domain : {'A', 'B'}
         Instrument domain (B: different gain, PSF, throughput, colour terms).
+    transients : int, optional
+        Add this many transients in host galaxies (:class:`SceneConfig`
+        defaults); without it the preset renders exactly as before.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {sorted(PRESETS)}")
@@ -279,4 +388,6 @@ def make_config(
     cfg = PRESETS[preset]().replace(seed=int(seed), instrument=INSTRUMENTS[domain])
     if nights is not None:
         cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, n_nights=nights))
+    if transients is not None:
+        cfg = cfg.replace(scene=SceneConfig(n_transients=int(transients)))
     return cfg

@@ -10,6 +10,7 @@ import numpy as np
 
 from sim._random import rng_for
 from sim.camera import Camera
+from sim.hosts import GalaxiesOnQuadrant, add_galaxies
 from sim.instrument import Instrument
 from sim.schedule import Exposure
 
@@ -102,6 +103,24 @@ def add_stars(
         flat += np.bincount(idx, weights=stamps[inside], minlength=flat.size)
 
 
+GALAXY_GRID_STEP_PX = 0.25
+"""Sampling of host-galaxy profiles on the sky before the PSF (sim/hosts.py)."""
+
+
+def fine_psf(fwhm_px: float, step_px: float, *, kind: str, beta: float) -> np.ndarray:
+    """The PSF, round on the sky, on a grid of ``step_px`` nominal pixels, sum 1."""
+    h = int(np.ceil(stamp_half_size(fwhm_px, kind, beta) / step_px))
+    offs = np.arange(-h, h + 1) * step_px
+    return psf_stamps(
+        offs[None, None, :],
+        offs[None, :, None],
+        np.eye(2)[None],
+        fwhm_px=fwhm_px,
+        kind=kind,
+        beta=beta,
+    )[0]
+
+
 def bleed(electrons: np.ndarray, full_well: float) -> None:
     """Spill charge above full well along columns, up and down, in place."""
     over = electrons > full_well
@@ -175,6 +194,21 @@ class QuadrantRenderer:
         raw[:, g.overscan_slice] = overscan
         return np.clip(np.rint(raw), 0, 65535).astype(np.uint16)
 
+    def psf_at(
+        self, quadrant: int, exposure: Exposure, x: np.ndarray, y: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distortion Jacobian (n, 2, 2) and PSF FWHM (n,) [px] at data-section
+        positions of a quadrant in an exposure."""
+        cam = self.camera
+        g = cam.by_id[quadrant]
+        su = g.x0 + np.asarray(x) - cam.axis_x
+        sv = g.y0 + np.asarray(y) - cam.axis_y
+        fwhm = exposure.seeing_arcsec / cam.config.pixel_scale_arcsec
+        # The PSF broadens slightly towards the edge of the field.
+        return cam.distortion_jacobian(su, sv), fwhm * (
+            1.0 + 0.05 * (su * su + sv * sv) / cam.corner_radius_px**2
+        )
+
     def bias(self, quadrant: int, exposure: Exposure) -> np.ndarray:
         rng = rng_for(self.seed, "frame", exposure.expid, quadrant)
         g = self.camera.by_id[quadrant]
@@ -205,8 +239,10 @@ class QuadrantRenderer:
         stars: StarsOnQuadrant,
         *,
         cosmics_per_mpix: float,
+        galaxies: GalaxiesOnQuadrant | None = None,
     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Raw science frame and the (y, x) pixels hit by cosmic rays."""
+        """Raw science frame and the (y, x) pixels hit by cosmic rays; ``galaxies``
+        adds host galaxies (sim/hosts.py) to the stars' light."""
         if exposure.band is None or exposure.seeing_arcsec is None:
             raise ValueError(f"exposure {exposure.expid} is not a science frame")
         rng = rng_for(self.seed, "frame", exposure.expid, quadrant)
@@ -221,15 +257,15 @@ class QuadrantRenderer:
         sky_rate = 10 ** (-0.4 * (exposure.sky_mag_arcsec2 - inst_cfg.zp_e_per_s[band]))
         sky_rate *= cam.config.pixel_scale_arcsec**2
         light = np.zeros((g.ny, g.nx))
-        su = g.x0 + stars.x - cam.axis_x
-        sv = g.y0 + stars.y - cam.axis_y
-        jac = cam.distortion_jacobian(su, sv)
-        fwhm = exposure.seeing_arcsec / cam.config.pixel_scale_arcsec
-        # The PSF broadens slightly towards the edge of the field.
-        fwhm_star = fwhm * (1.0 + 0.05 * (su * su + sv * sv) / cam.corner_radius_px**2)
+        jac, fwhm_star = self.psf_at(quadrant, exposure, stars.x, stars.y)
         add_stars(
             light, stars, jac, fwhm_px=fwhm_star, kind=inst_cfg.psf, beta=inst_cfg.moffat_beta
         )
+        if galaxies is not None and len(galaxies.x):
+            gjac, gfwhm = self.psf_at(quadrant, exposure, galaxies.x, galaxies.y)
+            step = GALAXY_GRID_STEP_PX
+            psfs = [fine_psf(f, step, kind=inst_cfg.psf, beta=inst_cfg.moffat_beta) for f in gfwhm]
+            add_galaxies(light, galaxies, gjac, psf=psfs, psf_step_px=step)
         light += sky_rate * exposure.exptime_s * area
         light *= common * s_flat
         light += DARK_CURRENT_E_PER_S * exposure.exptime_s

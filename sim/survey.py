@@ -20,8 +20,15 @@ from astropy.wcs import WCS
 from sim._random import rng_for
 from sim.camera import Camera
 from sim.catalog import StarCatalog, make_catalog
-from sim.config import SurveyConfig
+from sim.config import SceneConfig, SurveyConfig
 from sim.fitsio import primary_header, quadrant_hdu, write_exposure, write_refcat
+from sim.hosts import (
+    AB_NJY_ZERO_POINT,
+    GalaxiesOnQuadrant,
+    SceneCatalog,
+    galaxy_reach_px,
+    make_scene,
+)
 from sim.instrument import Instrument
 from sim.render import QuadrantRenderer, StarsOnQuadrant, stamp_half_size
 from sim.schedule import Exposure, make_schedule, midnight_transit_ra
@@ -55,6 +62,9 @@ class Survey:
         )
         self.by_expid = {e.expid: e for e in self.exposures}
         self.catalog = self._make_catalog(half_x, half_y)
+        self.scene = (
+            None if config.scene is None else self._make_scene(config.scene, half_x, half_y)
+        )
 
     def _make_catalog(self, half_x: float, half_y: float) -> StarCatalog:
         sci = [e for e in self.exposures if e.imagetyp == "SCIENCE"]
@@ -73,6 +83,21 @@ class Survey:
             half_width_deg=(dra.max() + half_x) * margin,
             half_height_deg=(0.5 * (decs.max() - decs.min()) + half_y) * margin,
             quadrant_area_deg2=self.camera.config.quad_nx * self.camera.config.quad_ny * s * s,
+        )
+
+    def _make_scene(self, scene: SceneConfig, half_x: float, half_y: float) -> SceneCatalog:
+        sci = [e for e in self.exposures if e.imagetyp == "SCIENCE"]
+        mjd = [e.mjd for e in sci]
+        cat = self.catalog
+        ra_c = float(np.degrees(np.angle(np.mean(np.exp(1j * np.radians(cat.ra_deg))))))
+        return make_scene(
+            scene,
+            seed=self.config.seed,
+            stars=cat,
+            center_ra_deg=ra_c % 360.0,
+            center_dec_deg=float(np.mean([e.tel_dec_deg for e in sci])),
+            half_size_deg=(half_x, half_y),
+            span_mjd=(min(mjd), max(mjd)),
         )
 
     # -- geometry of an exposure ------------------------------------------------
@@ -140,6 +165,100 @@ class Survey:
             )
         return out
 
+    def _scene_pixels(self, exposure: Exposure, ra: np.ndarray, dec: np.ndarray):
+        """0-based mosaic (x, y) of sky positions in an exposure."""
+        wcs = WCS(self.camera.mosaic_wcs_header(exposure.tel_ra_deg, exposure.tel_dec_deg))
+        return wcs.all_world2pix(ra, dec, 0, tolerance=1e-7, maxiter=50)
+
+    def transients_on(
+        self, exposure: Exposure
+    ) -> dict[int, tuple[StarsOnQuadrant, GalaxiesOnQuadrant]]:
+        """The scene's light reaching each quadrant: transients as point sources
+        (``index`` -1 - k for transient k) and host galaxies; empty without a scene."""
+        if self.scene is None:
+            return {}
+        sc, inst = self.scene, self.config.instrument
+        band, cam = exposure.band, self.camera
+        zp_e = inst.zp_e_per_s[band]
+        tx, ty = self._scene_pixels(exposure, sc.ra_deg, sc.dec_deg)
+        hx, hy = self._scene_pixels(exposure, sc.host_ra_deg, sc.host_dec_deg)
+        t_flux = (
+            exposure.exptime_s
+            * sc.flux_njy(band, exposure.mjd)
+            * 10 ** (-0.4 * (AB_NJY_ZERO_POINT - zp_e))
+        )
+        h_flux = exposure.exptime_s * 10 ** (-0.4 * (sc.host_mag[band] - zp_e))
+        fwhm = exposure.seeing_arcsec / cam.config.pixel_scale_arcsec * 1.05
+        psf_half = stamp_half_size(fwhm, inst.psf, inst.moffat_beta)
+        r_eff_px = sc.r_eff_arcsec / cam.config.pixel_scale_arcsec
+        reach = galaxy_reach_px(r_eff_px, psf_half)
+        out = {}
+        for g in cam.quadrants:
+            atm = self._atmosphere_factor(exposure, g.quadrant)
+            x, y = tx - g.x0, ty - g.y0
+            on = (
+                (t_flux > 0)
+                & (x > -psf_half)
+                & (x < g.nx - 1 + psf_half)
+                & (y > -psf_half)
+                & (y < g.ny - 1 + psf_half)
+            )
+            k = np.flatnonzero(on)
+            points = StarsOnQuadrant(index=-1 - k, x=x[k], y=y[k], flux_e=t_flux[k] * atm)
+            x, y = hx - g.x0, hy - g.y0
+            near = (x > -reach) & (x < g.nx - 1 + reach) & (y > -reach) & (y < g.ny - 1 + reach)
+            k = np.flatnonzero(near)
+            hosts = GalaxiesOnQuadrant(
+                x=x[k],
+                y=y[k],
+                flux_e=h_flux[k] * atm,
+                r_eff_px=r_eff_px[k],
+                sersic_n=sc.sersic_n[k],
+                axis_ratio=sc.axis_ratio[k],
+                pa_deg=sc.pa_deg[k],
+                reach_px=reach[k],
+            )
+            out[g.quadrant] = (points, hosts)
+        return out
+
+    def transient_epochs(self, exposure: Exposure) -> dict[str, np.ndarray]:
+        """Truth of every transient in one science exposure: its quadrant (-1 in
+        a gap or off the mosaic), 0-based data-section position, true magnitude
+        and calibrated flux (nJy), the zero point and starflat there, and the
+        electrons expected on the fluence image."""
+        sc = self.scene
+        if sc is None:
+            raise ValueError("this survey has no scene (SurveyConfig.scene is None)")
+        band = exposure.band
+        mx, my = self._scene_pixels(exposure, sc.ra_deg, sc.dec_deg)
+        quad = self.camera.locate(mx, my)
+        n = len(sc)
+        x, y = np.full(n, np.nan), np.full(n, np.nan)
+        zp, dzp = np.full(n, np.nan), np.full(n, np.nan)
+        for k in np.flatnonzero(quad >= 0):
+            g = self.camera.by_id[int(quad[k])]
+            x[k], y[k] = mx[k] - g.x0, my[k] - g.y0
+            zp[k] = self.zp_true(exposure, g.quadrant)
+            dzp[k] = self.instrument.starflat_at(
+                g.quadrant,
+                band,
+                np.array([mx[k] - self.camera.axis_x]),
+                np.array([my[k] - self.camera.axis_y]),
+            )[0]
+        flux_njy = sc.flux_njy(band, exposure.mjd)
+        mag = sc.mag_at(band, exposure.mjd)
+        return {
+            "quadrant": quad.astype(np.int64),
+            "x": x,
+            "y": y,
+            "mag": mag,
+            "flux_njy": flux_njy,
+            "zp": zp,
+            "dzp_starflat": dzp,
+            # m = m_inst + zp + dzp: flux_e = EXPTIME 10**(-0.4 (m - zp - dzp)).
+            "flux_e": exposure.exptime_s * flux_njy * 10 ** (-0.4 * (AB_NJY_ZERO_POINT - zp - dzp)),
+        }
+
     def observations(self, exposure: Exposure) -> dict[int, Observation]:
         """Truth per quadrant for the stars centred on it (data-section pixels)."""
         near, mx, my = self._mosaic_positions(exposure)
@@ -172,7 +291,9 @@ class Survey:
         """Quadrant HDUs of one exposure and the cosmic-ray pixels per quadrant."""
         r = self.renderer
         hdus, cosmics = [], {}
-        stars = self.stars_on(exposure) if exposure.imagetyp == "SCIENCE" else None
+        science = exposure.imagetyp == "SCIENCE"
+        stars = self.stars_on(exposure) if science else None
+        scene = self.transients_on(exposure) if science else {}
         for g in self.camera.quadrants:
             q = g.quadrant
             if exposure.imagetyp == "BIAS":
@@ -182,8 +303,21 @@ class Survey:
             elif exposure.imagetyp == "FLAT":
                 raw = r.flat(q, exposure, self.flat_level_e(exposure))
             else:
+                on_q, galaxies = stars[q], None
+                if q in scene:
+                    points, galaxies = scene[q]
+                    on_q = StarsOnQuadrant(
+                        *(
+                            np.concatenate([getattr(on_q, f), getattr(points, f)])
+                            for f in ("index", "x", "y", "flux_e")
+                        )
+                    )
                 raw, cosmics[q] = r.science(
-                    q, exposure, stars[q], cosmics_per_mpix=self.config.camera.cosmics_per_mpix
+                    q,
+                    exposure,
+                    on_q,
+                    cosmics_per_mpix=self.config.camera.cosmics_per_mpix,
+                    galaxies=galaxies,
                 )
             hdus.append(quadrant_hdu(raw, q, self.camera, self.instrument, exposure))
         return hdus, cosmics

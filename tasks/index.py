@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.night import PALOMAR_LONGITUDE_DEG, observing_night
 from tasks.io.provenance import provenance
 from tasks.io.raw import RawFileError, validate_file
@@ -246,7 +247,7 @@ def write_index_task(
     ds = rows_to_dataset(rows)
     write_group(
         store,
-        f"index/{night}",
+        groups.index(night),
         ds,
         attrs=_index_attrs(night, raw_root, rows, config),
     )
@@ -259,7 +260,7 @@ def write_index_task(
 @task(name="indexed-nights")
 def indexed_nights_task(store: str, nights: list[str] | None) -> list[str]:
     """The requested nights that have an index (all indexed nights by default)."""
-    have = [n for n in list_groups(store, "index") if n != UNKNOWN_NIGHT]
+    have = [n for n in list_groups(store, groups.INDEX) if n != UNKNOWN_NIGHT]
     return have if nights is None else [n for n in have if n in nights]
 
 
@@ -272,7 +273,7 @@ def index_sequentially(raw_root: str, store: str, config: IndexConfig | None = N
     for night, night_rows in by_night.items():
         write_group(
             store,
-            f"index/{night}",
+            groups.index(night),
             rows_to_dataset(night_rows),
             attrs=_index_attrs(night, raw_root, night_rows, config),
         )

@@ -32,6 +32,7 @@ from pydantic import Field
 from calib.photometry import instrumental_magnitudes
 from tasks.config import StageConfig
 from tasks.inputs import UNKNOWN_NIGHT
+from tasks.io import groups
 from tasks.io.night import observing_night
 from tasks.io.provenance import provenance
 from tasks.io.raw import RefCatalog, read_refcat
@@ -601,7 +602,7 @@ def ingest_table(
     result: dict[str, dict[str, Any]] = {}
     for name in sorted(set(nights) - {UNKNOWN_NIGHT}):
         in_night = nights == name
-        group = f"nights/{name}/catalog"
+        group = groups.catalog(name)
         if not overwrite and group_exists(store, group):
             stage = read_group(store, group, load=False).attrs.get("stage", "?")
             raise IngestError(
@@ -617,7 +618,7 @@ def ingest_table(
     if unassigned.any():
         write_group(
             store,
-            f"nights/{UNKNOWN_NIGHT}/rejected",
+            groups.rejected(UNKNOWN_NIGHT),
             _rejected_dataset(np.nonzero(unassigned)[0], reasons, cols),
             attrs=provenance("ingest", config=config, inputs=[os.path.abspath(path)]),
         )
@@ -658,13 +659,11 @@ def _write_night(
         constants=constants,
         expid_keys=_night_keys(cols, good),
         rows={"ingested": len(good), "rejected": len(bad)},
-        rejected_group=f"nights/{night}/rejected",
+        rejected_group=groups.rejected(night),
         magnitude_convention="m_inst = -2.5 log10(flux / exptime), or the table's mag as given",
         image_qa="none: the table carries no images (no patches, no reduced images)",
     )
-    write_group(
-        store, f"nights/{night}/rejected", _rejected_dataset(bad, reasons, cols), attrs=attrs
-    )
+    write_group(store, groups.rejected(night), _rejected_dataset(bad, reasons, cols), attrs=attrs)
     if not len(good):
         return {"exposures": 0, "observations": 0, "rejected": len(bad)}
     good = good[np.argsort(cols["expid"][good], kind="stable")]
@@ -674,8 +673,8 @@ def _write_night(
     if len(shapes) != 1:
         raise IngestError(f"{path}: night {night} mixes quadrant sizes {sorted(shapes)}")
     catalog, exposures = night_groups(results, refcat, photometry)
-    write_group(store, f"nights/{night}/catalog", catalog, attrs=attrs)
-    write_group(store, f"nights/{night}/exposures", exposures, attrs=attrs)
+    write_group(store, groups.catalog(night), catalog, attrs=attrs)
+    write_group(store, groups.exposures(night), exposures, attrs=attrs)
     return {
         "exposures": int(exposures.sizes["exposure"]),
         "observations": int(catalog.sizes["obs"]),

@@ -18,19 +18,22 @@ from typing import Any
 import numpy as np
 from prefect import task
 
+from tasks.io import groups
 from tasks.io.store import group_exists, list_children, list_groups, read_group
 
 UNKNOWN_NIGHT = "unknown-night"
 
 # Groups each stage reads per night ({night} filled in). Stages not listed
 # (index reads raw files, transients simulates its pairs) have no store input.
+_NIGHT = "{night}"
+_CATALOGS = (groups.catalog(_NIGHT), groups.exposures(_NIGHT))
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "masters": ("index/{night}",),
-    "reduce": ("index/{night}",),
-    "photometry": ("index/{night}",),
-    "ubercal": ("nights/{night}/catalog", "nights/{night}/exposures"),
-    "train": ("nights/{night}/catalog", "nights/{night}/exposures"),
-    "score": ("nights/{night}/catalog", "nights/{night}/exposures"),
+    "masters": (groups.index(_NIGHT),),
+    "reduce": (groups.index(_NIGHT),),
+    "photometry": (groups.index(_NIGHT),),
+    "ubercal": _CATALOGS,
+    "train": _CATALOGS,
+    "score": _CATALOGS,
 }
 _HOW_TO_MAKE = {
     "index": "run the index stage (--raw)",
@@ -82,7 +85,7 @@ def candidate_nights(store: str, stage: str) -> list[str]:
     if not inputs:
         return []
     root = inputs[0].split("/")[0]
-    found = list_groups(store, root) if root == "index" else list_children(store, root)
+    found = list_groups(store, root) if root == groups.INDEX else list_children(store, root)
     return [n for n in found if n != UNKNOWN_NIGHT]
 
 
@@ -131,7 +134,7 @@ def missing_raw_nights(requested: Iterable[str] | None, found: Iterable[str], ra
         {
             "stage": "index",
             "night": n,
-            "group": f"index/{n}",
+            "group": groups.index(n),
             "reason": f"not written: no raw file of that night under {raw}",
         }
         for n in sorted(set(requested or ()))
@@ -149,11 +152,11 @@ def unbuilt_masters(
         {
             "stage": "masters",
             "night": night,
-            "group": f"masters/bias/{period_of(night)}",
+            "group": groups.bias(period_of(night)),
             "reason": "not built: no usable bias frame is indexed in its period",
         }
         for night in sorted(set(nights))
-        if f"masters/bias/{period_of(night)}" not in done
+        if groups.bias(period_of(night)) not in done
     ]
 
 

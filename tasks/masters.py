@@ -38,6 +38,7 @@ from calib.masters import (
 from calib.overscan import overscan_level
 from tasks.config import StageConfig
 from tasks.index import UNKNOWN_NIGHT
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import QuadrantHeader, read_overscan, read_rows, validate_file
 from tasks.io.store import (
@@ -153,7 +154,7 @@ def _subsample(items: list, limit: int) -> list:
 def plan_periods(store: str, nights: list[str] | None, config: MastersConfig) -> list[PeriodPlan]:
     """Periods touched by ``nights`` (default: every indexed night), with all their
     indexed calibration frames, in time order."""
-    indexed = [n for n in list_groups(store, "index") if n != UNKNOWN_NIGHT]
+    indexed = [n for n in list_groups(store, groups.INDEX) if n != UNKNOWN_NIGHT]
     wanted = {period_label(n, config) for n in (nights if nights is not None else indexed)}
     bias: dict[str, list[tuple[float, str]]] = defaultdict(list)
     flats: dict[str, dict[str, dict[int, list[tuple[float, str, str]]]]] = defaultdict(
@@ -163,7 +164,7 @@ def plan_periods(store: str, nights: list[str] | None, config: MastersConfig) ->
         period = period_label(night, config)
         if period not in wanted:
             continue
-        idx = read_group(store, f"index/{night}")
+        idx = read_group(store, groups.index(night))
         root = idx.attrs["raw_root"]
         t = idx.to_dataframe()
         t = t[t.status == "ok"]
@@ -324,10 +325,10 @@ def build_bias_quadrants(
     config: MastersConfig,
 ) -> dict[int, dict[str, Any]]:
     """Combine the period's biases for some quadrants into the staging group."""
-    if staging_committed(store, f"masters/bias/{plan.period}", staging):
+    if staging_committed(store, groups.bias(plan.period), staging):
         return _committed_bias_stats(store, plan, quadrants)
     out = {}
-    ref = read_group(store, f"masters/bias/{reference}", load=False) if reference else None
+    ref = read_group(store, groups.bias(reference), load=False) if reference else None
     headers = _Headers()
     for q in quadrants:
         stack = _FrameStack(list(plan.bias), q, config, headers)
@@ -388,7 +389,7 @@ def commit_bias(
     reference: str | None,
     config: MastersConfig,
 ) -> dict[str, Any]:
-    group = f"masters/bias/{plan.period}"
+    group = groups.bias(plan.period)
     summary = _bias_summary(stats, reference)
     plots = {}
     if reference:
@@ -447,7 +448,7 @@ def _committed_bias_stats(
     store: str, plan: PeriodPlan, quadrants: tuple[int, ...]
 ) -> dict[int, dict[str, Any]]:
     """What build_bias_quadrants returned, read back from the committed group."""
-    ds = read_group(store, f"masters/bias/{plan.period}", load=False)
+    ds = read_group(store, groups.bias(plan.period), load=False)
     out = {}
     for q in quadrants:
         r = ds.sel(quadrant=q)[
@@ -469,7 +470,7 @@ def _committed_flat_sums(
     store: str, plan: PeriodPlan, band: str, quadrants: tuple[int, ...]
 ) -> dict[int, tuple[float, int]]:
     """Good-pixel sums of the un-normalised flat, recovered from the committed one."""
-    ds = read_group(store, f"masters/flat/{band}/{plan.period}", load=False)
+    ds = read_group(store, groups.flat(band, plan.period), load=False)
     norm = float(ds.attrs["summary"]["normalisation"])
     out = {}
     for q in quadrants:
@@ -483,7 +484,7 @@ def reference_period(store: str, plans: list[PeriodPlan], config: MastersConfig)
     """The bias period others are compared with (None: the first plan is the reference)."""
     if config.reference_period is not None:
         return config.reference_period
-    existing = list_groups(store, "masters/bias")
+    existing = list_groups(store, groups.BIAS)
     candidates = sorted(existing + [p.period for p in plans])
     return candidates[0] if candidates else None
 
@@ -496,7 +497,7 @@ def flat_levels(
 ) -> dict[str, dict[int, float]]:
     """Median electrons of every flat frame of ``band`` on some quadrants (pass 1 of
     the focal-plane normalisation)."""
-    bias = read_group(store, f"masters/bias/{plan.period}", load=False)
+    bias = read_group(store, groups.bias(plan.period), load=False)
     out: dict[str, dict[int, float]] = defaultdict(dict)
     headers = _Headers()
     for q in quadrants:
@@ -570,9 +571,9 @@ def build_flat_quadrants(
 ) -> dict[int, tuple[float, int]]:
     """Combine per LED, then across LEDs, for some quadrants; returns per quadrant
     the sum and count of good-pixel flat values (for the global normalisation)."""
-    if staging_committed(store, f"masters/flat/{band}/{plan.period}", staging):
+    if staging_committed(store, groups.flat(band, plan.period), staging):
         return _committed_flat_sums(store, plan, band, quadrants)
-    bias = read_group(store, f"masters/bias/{plan.period}", load=False)
+    bias = read_group(store, groups.bias(plan.period), load=False)
     leds = sorted(plan.flats[band])
     nights = list(plan.nights)
     headers = _Headers()
@@ -640,7 +641,7 @@ def commit_flat(
     config: MastersConfig,
 ) -> dict[str, Any]:
     """Normalise to mean 1 over the good pixels of the focal plane, plot, publish."""
-    group = f"masters/flat/{band}/{plan.period}"
+    group = groups.flat(band, plan.period)
     norm = focal_plane_normalisation(pair for part in sums for pair in part.values())
     ds = open_staging(staging)
     qa = qa_dir(store, group)
@@ -719,7 +720,7 @@ def commit_flat(
             inputs=sorted(p for fs in plan.flats[band].values() for p, _ in fs),
             band=band,
             period=plan.period,
-            bias=f"masters/bias/{plan.period}",
+            bias=groups.bias(plan.period),
             extnames=list(plan.extnames),
             summary=summary,
             plots=plots,

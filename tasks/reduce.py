@@ -39,8 +39,10 @@ from calib.reduce import ReducedQuadrant, reduce_quadrant
 from calib.zeropoint import classical_zeropoints, zeropoint_stars
 from ml.zp_features import centre_crop
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
+from tasks.io.reduced import KeptQuadrant, keep_quadrant, write_reduced
 from tasks.io.store import StoreError, list_groups, read_group, write_group
 from tasks.logs import run_logger
 from tasks.resume import resumable
@@ -207,10 +209,10 @@ def _pick_period(store: str, prefix: str, night: str, wanted: str | None) -> str
 
 def load_masters(store: str, night: str, band: str, *, period: str | None = None) -> Masters:
     """The bias and ``band`` flat of the period covering ``night``."""
-    bias_period = _pick_period(store, "masters/bias", night, period)
-    flat_period = _pick_period(store, f"masters/flat/{band}", night, period)
-    bias = read_group(store, f"masters/bias/{bias_period}")
-    flat = read_group(store, f"masters/flat/{band}/{flat_period}")
+    bias_period = _pick_period(store, groups.BIAS, night, period)
+    flat_period = _pick_period(store, groups.flats(band), night, period)
+    bias = read_group(store, groups.bias(bias_period))
+    flat = read_group(store, groups.flat(band, flat_period))
     defects = flat["defects"].astype(np.uint8)
     if "defects" in bias:
         defects = defects | bias["defects"].astype(np.uint8).reindex_like(defects, fill_value=0)
@@ -232,8 +234,9 @@ class ExposureResult:
         Its row of the exposures group, with per-quadrant QA under ``quadrants``.
     path : str
         The raw file.
-    reduced : dict of int to ndarray, optional
-        Fluence images (y, x) by quadrant, only with ``keep_reduced``.
+    reduced : dict of int to KeptQuadrant, optional
+        Fluence, variance, mask and WCS by quadrant, only with ``keep_reduced``
+        (tasks/io/reduced.py).
     patch : ndarray, shape (patch_px, patch_px), e-/s, optional
         The centre of the lowest-numbered quadrant's fluence image over the
         exposure time (the zero-point network's image input); smaller when the
@@ -243,7 +246,7 @@ class ExposureResult:
     catalog: xr.Dataset
     row: dict[str, Any]
     path: str
-    reduced: dict[int, np.ndarray] | None = None
+    reduced: dict[int, KeptQuadrant] | None = None
     patch: np.ndarray | None = None
 
 
@@ -268,7 +271,7 @@ def photometer_exposure(
     rc, pc = reduce_config, photometry_config
     parts: list[tuple[int, QuadrantPhotometry, np.ndarray]] = []
     qa: dict[int, dict[str, float]] = {}
-    kept: dict[int, np.ndarray] = {}
+    kept: dict[int, KeptQuadrant] = {}
     patch_of: tuple[int, np.ndarray] | None = None
     shape = (0, 0)
     for frame in read_quadrants(path):
@@ -318,7 +321,7 @@ def photometer_exposure(
             reduced, phot, x[phot.index], y[phot.index], detect=pc.qa_detection
         ).as_row()
         if rc.keep_reduced:
-            kept[q] = _fluence_image(reduced)
+            kept[q] = keep_quadrant(reduced, frame.wcs)
         if patch_of is None or q < patch_of[0]:
             patch_of = (q, _patch_e_s(reduced, rc.patch_px, header.exptime_s))
     corrections = apply_aperture_corrections(
@@ -358,10 +361,6 @@ def photometer_exposure(
         reduced=kept or None,
         patch=None if patch_of is None else patch_of[1],
     )
-
-
-def _fluence_image(reduced: ReducedQuadrant) -> np.ndarray:
-    return (reduced.surface_brightness * reduced.pixel_area).astype(np.float32)
 
 
 def _patch_e_s(reduced: ReducedQuadrant, size: int, exptime_s: float) -> np.ndarray:
@@ -591,8 +590,8 @@ def write_night(
     refcat = read_refcat(refcat_path)
     catalog, exposures = night_groups(results, refcat, photometry_config)
     attrs = night_provenance(night, inputs, reduce_config, photometry_config, refcat_path)
-    write_group(store, f"nights/{night}/catalog", catalog, attrs=attrs)
-    write_group(store, f"nights/{night}/exposures", exposures, attrs=attrs)
+    write_group(store, groups.catalog(night), catalog, attrs=attrs)
+    write_group(store, groups.exposures(night), exposures, attrs=attrs)
     patches = [r for r in sorted(results, key=lambda r: r.row["expid"]) if r.patch is not None]
     if patches:  # one layout per night (the index rejects others), so they stack
         ds = xr.Dataset(
@@ -600,17 +599,11 @@ def write_night(
             coords={"expid": ("exposure", np.array([r.row["expid"] for r in patches]))},
             attrs={"units": "e-/s per pixel (fluence / EXPTIME)", "quadrant": "lowest read"},
         )
-        write_group(store, f"nights/{night}/patches", ds, attrs=attrs)
+        write_group(store, groups.patches(night), ds, attrs=attrs)
     if reduce_config.keep_reduced:
         for r in results:
             if r.reduced:
-                qs = sorted(r.reduced)
-                ds = xr.Dataset(
-                    {"fluence": (("quadrant", "y", "x"), np.stack([r.reduced[q] for q in qs]))},
-                    coords={"quadrant": np.array(qs, dtype=np.int64)},
-                    attrs={"units": "e- (fluence, not background-subtracted)"},
-                )
-                write_group(store, f"nights/{night}/reduced/{r.row['expid']}", ds, attrs=attrs)
+                write_reduced(store, night, r.row["expid"], r.reduced, attrs=attrs)
     return {
         "exposures": int(exposures.sizes["exposure"]),
         "observations": int(catalog.sizes["obs"]),
@@ -620,7 +613,7 @@ def write_night(
 
 def science_files(store: str, night: str) -> tuple[str, list[str]]:
     """Raw root and the ``ok`` science files of a night, from ``index/<night>``."""
-    index = read_group(store, f"index/{night}")
+    index = read_group(store, groups.index(night))
     ok = (index.status.values == "ok") & (index.imagetyp.values == "SCIENCE")
     return str(index.attrs.get("raw_root", "")), sorted(str(p) for p in index.path.values[ok])
 

@@ -17,6 +17,7 @@ from sim.badfiles import write_bad_files
 from sim.catalogsim import CatalogSurvey
 from sim.config import SurveyConfig, make_config
 from sim.survey import Survey, write_raw
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.store import write_group
 from tasks.io.truth import write_truth
@@ -29,6 +30,8 @@ class SimulationResult:
     refcat: Path
     truth: Path
     n_files: int
+    targets: Path | None
+    """``targets.ecsv`` (name, ra, dec, no_flux_before) when the survey has transients."""
     n_refcat: int
     nights: tuple[str, ...]
     bad_files: dict[str, Path]
@@ -43,6 +46,7 @@ def simulate_survey(
     nights: int | None = None,
     seed: int = 0,
     domain: str = "A",
+    transients: int | None = None,
     jobs: int = 1,
     bad_files: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -56,7 +60,7 @@ def simulate_survey(
     config : SurveyConfig, optional
         The survey; when given, ``preset``, ``nights``, ``seed`` and ``domain``
         must be left at their defaults.
-    preset, nights, seed, domain
+    preset, nights, seed, domain, transients
         Build the survey from a preset instead (:func:`sim.config.make_config`).
     jobs : int
         Processes rendering exposures in parallel; the bytes do not depend on it.
@@ -67,9 +71,9 @@ def simulate_survey(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
     if config is None:
-        config = make_config(preset, seed=seed, nights=nights, domain=domain)
-    elif (preset, nights, seed, domain) != ("tiny", None, 0, "A"):
-        raise ValueError("give either config or preset/nights/seed/domain, not both")
+        config = make_config(preset, seed=seed, nights=nights, domain=domain, transients=transients)
+    elif (preset, nights, seed, domain, transients) != ("tiny", None, 0, "A", None):
+        raise ValueError("give either config or preset/nights/seed/domain/transients, not both")
     survey = Survey(config)
     out = Path(out)
     raw = out / "raw"
@@ -79,6 +83,10 @@ def simulate_survey(
     paths = {e.expid: str(survey.raw_relpath(e)) for e in survey.exposures}
     truth = out / "truth.zarr"
     write_truth(truth, survey, cosmics, raw_paths=paths)
+    targets = None
+    if survey.scene is not None:
+        targets = out / "targets.ecsv"
+        write_targets(targets, survey)
     damaged: dict[str, Path] = {}
     if bad_files:
         first = {
@@ -93,11 +101,33 @@ def simulate_survey(
         refcat=refcat,
         truth=truth,
         n_files=len(survey.exposures),
+        targets=targets,
         n_refcat=n_ref,
         nights=tuple(sorted({e.night for e in survey.exposures})),
         bad_files=damaged,
         wall_s=time.perf_counter() - t0,
     )
+
+
+def write_targets(path: str | os.PathLike, survey: Survey) -> int:
+    """The transients as a lightcurves stage's targets table (ECSV): name, ra,
+    dec [deg] and ``no_flux_before`` [MJD], what a discovery report would give
+    (the explosion minus a margin, SceneConfig.baseline_margin_fraction)."""
+    sc = survey.scene
+    if sc is None:
+        raise ValueError("the survey has no transients (SurveyConfig.scene is None)")
+    table = Table(
+        {
+            "name": np.asarray(sc.name, dtype=str),
+            "ra": sc.ra_deg,
+            "dec": sc.dec_deg,
+            "no_flux_before": sc.no_flux_before_mjd,
+        }
+    )
+    table["ra"].unit = table["dec"].unit = "deg"
+    table["no_flux_before"].description = "MJD: epochs before it hold no transient light"
+    table.write(path, format="ascii.ecsv", overwrite=True)
+    return len(table)
 
 
 # -- catalog-level surveys (sim/catalogsim.py) written as the photometry stage would --
@@ -115,12 +145,12 @@ def write_catalog_survey(store: str | os.PathLike, survey: CatalogSurvey) -> Non
             quad_ny=survey.config.quad_ny,
         )
         cat = xr.Dataset({k: ("obs", v[rows]) for k, v in o.items()})
-        write_group(store, f"nights/{night}/catalog", cat, attrs=attrs)
+        write_group(store, groups.catalog(night), cat, attrs=attrs)
         sel = ex["night"] == night
         exps = xr.Dataset(
             {k: ("exposure", ex[k][sel]) for k in ("expid", "mjd", "band", "airmass", "exptime_s")}
         )
-        write_group(store, f"nights/{night}/exposures", exps, attrs=attrs)
+        write_group(store, groups.exposures(night), exps, attrs=attrs)
 
 
 def write_catalog_refcat(path: str | os.PathLike, survey: CatalogSurvey) -> None:

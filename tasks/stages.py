@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from prefect import unmapped
 
 from tasks.index import indexed_nights_task
+from tasks.io import groups
 from tasks.masters import (
     MastersConfig,
     begin_master_task,
@@ -24,6 +25,7 @@ from tasks.masters import (
     quadrant_chunks,
     reference_period,
 )
+from tasks.progress import emit, track
 from tasks.reduce import (
     PhotometryConfig,
     ReduceConfig,
@@ -43,6 +45,9 @@ class Run(Protocol):
 
     def map(self, task: Any, *args: Any) -> Any: ...
 
+    def wait(self, results: Any, stage: str, label: str, unit: str) -> None:
+        """Wait for what ``map`` returned, reporting progress (tasks/progress.py)."""
+
 
 class PrefectRun:
     """Inside a flow: tasks are Prefect task runs on the flow's task runner."""
@@ -52,6 +57,9 @@ class PrefectRun:
 
     def map(self, task: Any, *args: Any) -> Any:
         return task.map(*args)
+
+    def wait(self, results: Any, stage: str, label: str, unit: str) -> None:
+        track(results, stage, label, unit)
 
 
 class SequentialRun:
@@ -69,6 +77,9 @@ class SequentialRun:
             for call, value in zip(calls, values, strict=True):
                 call.append(value)
         return [task.fn(*call) for call in calls]
+
+    def wait(self, results: Any, stage: str, label: str, unit: str) -> None:
+        emit(stage, label, len(results), len(results), unit)  # already done
 
 
 def masters_stage(
@@ -89,7 +100,7 @@ def masters_stage(
     reference = reference_period(store, plans, config)
     for plan in plans:
         chunks = quadrant_chunks(plan, config)
-        group = f"masters/bias/{plan.period}"
+        group = groups.bias(plan.period)
         ref = None if reference == plan.period else reference
         if overwrite or not has_master(store, group):
             staging = run.one(begin_master_task, store, group, plan, None)
@@ -97,11 +108,12 @@ def masters_stage(
                 build_bias_task, unmapped(store), unmapped(plan), chunks, unmapped(staging),
                 unmapped(ref), unmapped(config),
             )  # fmt: skip
+            run.wait(stats, "masters", group, "quadrant chunks")
             out[group] = run.one(commit_bias_task, store, plan, staging, stats, ref, config)
         else:
             skipped.append(group)
         for band in plan.flats:
-            group = f"masters/flat/{band}/{plan.period}"
+            group = groups.flat(band, plan.period)
             if not overwrite and has_master(store, group):
                 skipped.append(group)
                 continue
@@ -114,6 +126,7 @@ def masters_stage(
                 build_flat_task, unmapped(store), unmapped(plan), unmapped(band), chunks,
                 unmapped(staging), unmapped(levels), unmapped(config),
             )  # fmt: skip
+            run.wait(sums, "masters", group, "quadrant chunks")
             out[group] = run.one(commit_flat_task, store, plan, band, staging, sums, config)
     return out
 
@@ -136,7 +149,7 @@ def photometry_stage(
     skipped = skipped if skipped is not None else []
     out: dict[str, Any] = {}
     for night in run.one(indexed_nights_task, store, nights):
-        group = f"nights/{night}/catalog"
+        group = groups.catalog(night)
         if not overwrite and has_master(store, group):
             skipped.append(group)
             continue
@@ -147,5 +160,6 @@ def photometry_stage(
             photometer_chunk_task, unmapped(store), unmapped(raw_root or indexed_root), chunks,
             unmapped(refcat), unmapped(night), unmapped(reduce), unmapped(photometry),
         )  # fmt: skip
+        run.wait(parts, "photometry", night, "exposure chunks")
         out[night] = run.one(write_night_task, store, night, parts, refcat, reduce, photometry)
     return out

@@ -46,6 +46,7 @@ from ml.transients import (
 )
 from sim.transients import PairConfig, simulate_cutouts, simulate_pair
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.store import write_group
 
@@ -180,7 +181,7 @@ def write_transients(
     ds = transients_dataset(parts)
     write_group(
         store,
-        f"transients/{night}",
+        groups.transients(night),
         ds,
         attrs=provenance(
             "transients",

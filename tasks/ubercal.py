@@ -43,6 +43,7 @@ from calib.ubercal.iterative import Partitions, concat_chunks, partition_in_memo
 from sim.camera import Camera
 from sim.config import CameraConfig
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import read_refcat
 from tasks.io.store import StoreError, group_exists, list_children, read_group, write_group
@@ -197,8 +198,8 @@ def _apply(fn: Callable[[ObservationChunk], T], store: str, night: str, band: st
 
 def read_night_chunk(store: str | os.PathLike, night: str, band: str) -> ObservationChunk:
     """The observations of ``band`` in one night's catalog."""
-    cat = read_group(store, f"nights/{night}/catalog")
-    exps = read_group(store, f"nights/{night}/exposures")
+    cat = read_group(store, groups.catalog(night))
+    exps = read_group(store, groups.exposures(night))
     in_band = exps.expid.values[np.array([str(b) for b in exps.band.values]) == band]
     rows = np.isin(cat.expid.values, in_band)
     return ObservationChunk.from_mapping({c: cat[c].values for c in _CATALOG_COLUMNS}, rows)
@@ -209,11 +210,11 @@ def _select_nights(store: str, first: str | None, last: str | None) -> list[str]
     group itself is only a parent, without a completion marker)."""
     nights = [
         n
-        for n in list_children(store, "nights")
+        for n in list_children(store, groups.NIGHTS)
         if (first is None or n >= first)
         and (last is None or n <= last)
-        and group_exists(store, f"nights/{n}/catalog")
-        and group_exists(store, f"nights/{n}/exposures")
+        and group_exists(store, groups.catalog(n))
+        and group_exists(store, groups.exposures(n))
     ]
     if not nights:
         raise StoreError(
@@ -226,7 +227,7 @@ def _select_nights(store: str, first: str | None, last: str | None) -> list[str]
 def _quadrant_shape(store: str, nights: list[str]) -> tuple[int, int]:
     shapes = set()
     for n in nights:
-        attrs = read_group(store, f"nights/{n}/catalog", load=False).attrs
+        attrs = read_group(store, groups.catalog(n), load=False).attrs
         if "quad_nx" not in attrs or "quad_ny" not in attrs:
             raise StoreError(f"{store}: nights/{n}/catalog lacks the quad_nx/quad_ny attrs")
         shapes.add((int(attrs["quad_nx"]), int(attrs["quad_ny"])))
@@ -283,7 +284,7 @@ def run_ubercal_stage(
     else:
         solution = solve()
     ds = solution_dataset(solution, plots=config.plots)
-    group = f"ubercal/{config.band}"
+    group = groups.ubercal(config.band)
     write_group(
         store,
         group,
@@ -448,9 +449,11 @@ def write_png(ds: xr.Dataset, name: str, path: str | os.PathLike) -> Path:
 @task(name="bands-observed")
 def bands_observed_task(store: str, nights: list[str] | None) -> list[str]:
     """Bands with catalogs among ``nights`` (every night with a catalog by default)."""
-    have = [n for n in list_children(store, "nights") if group_exists(store, f"nights/{n}/catalog")]
+    have = [
+        n for n in list_children(store, groups.NIGHTS) if group_exists(store, groups.catalog(n))
+    ]
     wanted = have if nights is None else [n for n in have if n in nights]
     bands: set[str] = set()
     for night in wanted:
-        bands.update(str(b) for b in read_group(store, f"nights/{night}/exposures").band.values)
+        bands.update(str(b) for b in read_group(store, groups.exposures(night)).band.values)
     return sorted(bands)

@@ -36,6 +36,7 @@ from ml.zp_model import AZPRCConfig
 from ml.zp_train import TrainConfig, predict, train_zp_network
 from sim.zpsim import DOMAINS, ZPExposure, simulate_zp_exposures
 from tasks.config import StageConfig
+from tasks.io import groups
 from tasks.io.provenance import code_revision, photocal_version, provenance
 from tasks.io.raw import RefCatalog, read_refcat
 from tasks.io.store import (
@@ -47,6 +48,7 @@ from tasks.io.store import (
     read_group,
     write_group,
 )
+from tasks.progress import emit
 
 
 def features_from_simulation(
@@ -114,9 +116,9 @@ def _night_targets(
     """Ubercal zero point minus nominal, averaged over quadrants, by expid."""
     out: dict[int, float] = {}
     for band in sorted(set(band_of.values())):
-        if not group_exists(store, f"ubercal/{band}"):
+        if not group_exists(store, groups.ubercal(band)):
             continue
-        ub = read_group(store, f"ubercal/{band}")
+        ub = read_group(store, groups.ubercal(band))
         zp = np.nanmean(ub.zp.values, axis=1)
         for expid, value in zip(ub.expid.values.tolist(), zp, strict=True):
             if band_of.get(expid) == band and np.isfinite(value):
@@ -129,14 +131,14 @@ def night_features(
 ) -> FeatureSet:
     """Features of one night's exposures from ``nights/<night>/{exposures,catalog,patches}``
     and the reference catalog; targets from ``ubercal/<band>`` (NaN before ubercal)."""
-    exposures = read_group(store, f"nights/{night}/exposures")
-    catalog = read_group(store, f"nights/{night}/catalog")
+    exposures = read_group(store, groups.exposures(night))
+    catalog = read_group(store, groups.catalog(night))
     # An ingested catalog has no images: its exposures get a blank patch (all
     # NaN, which patch_image turns into zeros), the star list and telemetry stay.
-    has_patches = group_exists(store, f"nights/{night}/patches")
+    has_patches = group_exists(store, groups.patches(night))
     patch_of = {}
     if has_patches:
-        patches = read_group(store, f"nights/{night}/patches")
+        patches = read_group(store, groups.patches(night))
         patch_of = dict(zip(patches.expid.values.tolist(), patches.patch.values, strict=True))
     blank = np.full((config.patch_px, config.patch_px), np.nan, dtype=np.float32)
     ref_rows = refcat.rows_of(catalog.source_id.values)
@@ -227,12 +229,12 @@ def write_night_features(
     attrs = provenance(
         "zp-features",
         config=config,
-        inputs=[f"nights/{night}/{g}" for g in ("exposures", "catalog", "patches")],
+        inputs=[groups.exposures(night), groups.catalog(night), groups.patches(night)],
         night=night,
         refcat=refcat_path,
         target="ubercal zp (mean over quadrants) - zp_nominal(band), mag; NaN before ubercal",
     )
-    write_group(store, f"ml/features/{night}", _features_dataset(fs), attrs=attrs)
+    write_group(store, groups.features(night), _features_dataset(fs), attrs=attrs)
     return {"exposures": len(fs), "with_target": int(np.isfinite(fs.target_mag).sum())}
 
 
@@ -240,7 +242,7 @@ def read_features(store: str, nights: list[str]) -> FeatureSet:
     """The stored features of ``nights`` (every one must have been written)."""
     if not nights:
         raise ValueError("read_features: no nights given")
-    return FeatureSet.concat([_feature_set(read_group(store, f"ml/features/{n}")) for n in nights])
+    return FeatureSet.concat([_feature_set(read_group(store, groups.features(n))) for n in nights])
 
 
 def simulated_training_set(config: ZPNetworkConfig) -> FeatureSet | None:
@@ -281,9 +283,17 @@ def train_zp(
     is_train, is_val, is_test = split_by_night(data.night, seed=config.seed)
     model_config = AZPRCConfig(patch_px=config.patch_px, cnn_channels=config.cnn_channels)
     train_config = TrainConfig(epochs=config.epochs, dann_alpha=config.dann_alpha, seed=config.seed)
+    epochs = train_config.epochs
+
+    def report(epoch: int) -> None:
+        emit("train", "zero-point network", epoch + 1, epochs, "epochs")
+
     trained = train_zp_network(
-        model_config, data.select(is_train), data.select(is_val), train_config
+        model_config, data.select(is_train), data.select(is_val), train_config, on_epoch=report
     )
+    # Early stopping ends before the last epoch: the bar ends where training did.
+    ran = len(trained.history) - 1
+    emit("train", "zero-point network", ran, ran, "epochs")
     test = data.select(is_test)
     pred, sigma = predict(trained.model, test)
     answered = np.isfinite(test.catalog_zp_mag)  # the classical needs >= 3 stars
@@ -332,7 +342,7 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
     """Score a night's stored features with a checkpoint; write ``ml/scores/<night>``."""
     model, card = load_checkpoint(checkpoint, device=str(best_device()))
     config = ZPNetworkConfig(**card["stage_config"])
-    ds = read_group(store, f"ml/features/{night}")
+    ds = read_group(store, groups.features(night))
     fs = _feature_set(ds)
     if fs.patch.shape[1] != model.config.patch_px:
         raise ValueError(
@@ -357,14 +367,14 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
     attrs = provenance(
         "score-zp",
         config=config,
-        inputs=[f"ml/features/{night}", str(checkpoint)],
+        inputs=[groups.features(night), str(checkpoint)],
         night=night,
         checkpoint=str(checkpoint),
         model_card={k: card[k] for k in ("data_sha256", "code_revision", "metrics_test_mag")},
         device=str(best_device()),
         convention="zp = zp_nominal_mag[band] + zp_offset; m = m_inst + zp",
     )
-    write_group(store, f"ml/scores/{night}", scores, attrs=attrs)
+    write_group(store, groups.scores(night), scores, attrs=attrs)
     return {
         "exposures": len(fs),
         "median_offset_mag": float(np.median(offset)) if len(fs) else None,
@@ -402,11 +412,10 @@ def default_checkpoint(store: str) -> str:
 def photometered_nights_task(store: str, nights: list[str] | None) -> list[str]:
     """Nights (of ``nights``, or all) whose catalog and exposures are in the store
     (patches too for photometered nights; ingested ones have none)."""
-    found = list_children(store, "nights")
+    found = list_children(store, groups.NIGHTS)
     wanted = found if nights is None else sorted(set(found) & set(nights))
     return [
         n
         for n in sorted(wanted)
-        if group_exists(store, f"nights/{n}/catalog")
-        and group_exists(store, f"nights/{n}/exposures")
+        if group_exists(store, groups.catalog(n)) and group_exists(store, groups.exposures(n))
     ]

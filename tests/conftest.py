@@ -26,6 +26,18 @@ TINY_SEED = 3
 
 
 @pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (a real API on loopback, SQLite in a temporary
+    directory) for every flow test of the session: starting one costs ~10 s.
+    Flows see it through the settings; ``flows.api.prefect_api`` exports it to
+    their Dask workers. It stays up to the end of the session once started."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
 def tiny_survey(tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
     """The tiny preset (2 nights, 8 quadrants of 128 px) plus one damaged file of
     each kind under raw/damaged/. Read-only for tests: copy before modifying."""

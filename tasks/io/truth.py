@@ -16,12 +16,17 @@ import xarray as xr
 
 from sim.config import BANDS
 from sim.survey import Survey
+from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.store import read_group, write_group
 
 
 def _provenance(survey: Survey) -> dict:
-    return provenance("simulate", config=dataclasses.asdict(survey.config))
+    config = dataclasses.asdict(survey.config)
+    if config["scene"] is None:
+        # Surveys without a scene keep the attrs they had before scenes existed.
+        del config["scene"]
+    return provenance("simulate", config=config)
 
 
 def write_truth(
@@ -33,7 +38,7 @@ def write_truth(
 ) -> list[str]:
     """Write every truth group; returns the group names."""
     attrs = _provenance(survey)
-    groups = {
+    content = {
         "camera": _camera(survey),
         "exposures": _exposures(survey, raw_paths),
         "zp": _zero_points(survey),
@@ -42,10 +47,13 @@ def write_truth(
         "cosmics": _cosmics(cosmics),
     }
     if survey.config.truth_pixel_maps:
-        groups.update(dict(_maps(survey)))
-    for name, ds in groups.items():
+        content.update(dict(_maps(survey)))
+    if survey.scene is not None:
+        content["transients"] = _transients(survey)
+        content["transient_epochs"] = _transient_epochs(survey)
+    for name, ds in content.items():
         write_group(store, name, ds, attrs=attrs)
-    return sorted(groups)
+    return sorted(content)
 
 
 def _camera(s: Survey) -> xr.Dataset:
@@ -199,6 +207,68 @@ def _observations(s: Survey) -> xr.Dataset:
     )
 
 
+def _transients(s: Survey) -> xr.Dataset:
+    sc = s.scene
+    if sc is None:
+        raise ValueError("the survey has no scene")
+    data = {
+        "ra": ("transient", sc.ra_deg),
+        "dec": ("transient", sc.dec_deg),
+        "host_ra": ("transient", sc.host_ra_deg),
+        "host_dec": ("transient", sc.host_dec_deg),
+        "r_eff_arcsec": ("transient", sc.r_eff_arcsec),
+        "sersic_n": ("transient", sc.sersic_n),
+        "axis_ratio": ("transient", sc.axis_ratio),
+        "pa_deg": ("transient", sc.pa_deg),
+        "offset_r_eff": ("transient", sc.offset_r_eff),
+        "t_explosion_mjd": ("transient", sc.t_explosion_mjd),
+        "t_peak_mjd": ("transient", sc.t_peak_mjd),
+        "t_rise_d": ("transient", sc.t_rise_d),
+        "decline_mag_per_d": ("transient", sc.decline_mag_per_d),
+        "no_flux_before_mjd": ("transient", sc.no_flux_before_mjd),
+    }
+    for b in BANDS:
+        data[f"peak_mag_{b}"] = ("transient", sc.peak_mag[b])
+        data[f"host_mag_{b}"] = ("transient", sc.host_mag[b])
+        data[f"host_sb_at_transient_{b}"] = ("transient", sc.host_sb_at_transient(b))
+        data[f"host_sb_eff_{b}"] = ("transient", sc.host_sb_eff(b))
+    return xr.Dataset(
+        data,
+        coords={"name": ("transient", np.asarray(sc.name, dtype=object))},
+        attrs={
+            "light_curve": "flux = peak * s(t); s = 0 before t_explosion, "
+            "((t - t_explosion) / t_rise)^2 until t_peak, then 10**(-0.4 decline (t - t_peak))",
+            "surface_brightness": "mag/arcsec^2 of the host before the PSF; sb_eff is the mean "
+            "within the half-light ellipse",
+            "flux_njy": "10**(-0.4 (m - 31.4))",
+        },
+    )
+
+
+def _transient_epochs(s: Survey) -> xr.Dataset:
+    """One row per (transient, science exposure)."""
+    sc = s.scene
+    if sc is None:
+        raise ValueError("the survey has no scene")
+    rows: dict[str, list[np.ndarray]] = {}
+    for e in _science(s):
+        part = s.transient_epochs(e)
+        part["name"] = np.asarray(sc.name, dtype=object)
+        part["expid"] = np.full(len(sc), e.expid, dtype=np.int64)
+        part["mjd"] = np.full(len(sc), e.mjd)
+        part["band"] = np.full(len(sc), e.band, dtype=object)
+        for k, v in part.items():
+            rows.setdefault(k, []).append(v)
+    return xr.Dataset(
+        {k: ("obs", np.concatenate(v)) for k, v in rows.items()},
+        attrs={
+            "quadrant": "-1: in a gap or off the mosaic",
+            "flux_e": "expected electrons on the fluence image (true flat, area applied)",
+            "mag": "survey system; inf before the explosion",
+        },
+    )
+
+
 def _cosmics(cosmics: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]) -> xr.Dataset:
     ex, qu, ys, xs = [], [], [], []
     for expid in sorted(cosmics):
@@ -265,7 +335,7 @@ def score_ubercal(store: str | os.PathLike, truth: str | os.PathLike, band: str)
     the common offset), the median of their own errors, their pull rms after the
     offset is removed, the offset itself, and how many were compared.
     """
-    sol = read_group(store, f"ubercal/{band}")
+    sol = read_group(store, groups.ubercal(band))
     zp_truth = read_group(truth, "zp")
     starflat = read_group(truth, f"maps/starflat/{band}").starflat
     expid, quadrant = sol.expid.values, sol.quadrant.values

@@ -9,6 +9,8 @@ import pytest
 from astropy.nddata import CCDData
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import chi2
+from statchecks import assert_close_in_sigma, assert_fails
 
 from calib.masters import (
     combine_frames,
@@ -167,17 +169,50 @@ def test_bias_jump_between_periods_is_flagged():
     assert delta.shape == (128, 128)
 
 
-def test_flat_ratio_and_residual_sigma_follow_photon_noise():
+def _flat_ratio_case(daily_gain: float = 1.0):
+    """Ten frames of a 1 %-structured flat at 1.5e5 e-, their master, and one
+    daily flat (scaled by ``daily_gain``, 1 for the truth)."""
     rng = np.random.default_rng(4)
     n, level = 10, 1.5e5
     truth = 1.0 + 0.01 * rng.standard_normal((100, 100))
     frames = rng.poisson(level * truth, size=(n, 100, 100)) / level
+    daily = daily_gain * rng.poisson(level * truth) / level
+    return frames, daily, n, level
+
+
+def check_flat_ratio_stats(frames, daily, n, level) -> None:
     sigma = flat_residual_sigma(frames)
-    assert np.median(sigma) == pytest.approx(1 / np.sqrt(level), rel=0.1)
+    # sigma_i is the population rms of n frames (seed 004): its median over pixels
+    # is sqrt(median(chi2_{n-1}) / n) = 0.91 of the photon noise, known to ~0.3 %
+    # from 1e4 pixels.
+    expected = np.sqrt(chi2.median(n - 1) / n) / np.sqrt(level)
+    assert np.median(sigma) == pytest.approx(expected, rel=0.02)
     master = combine_frames(frames).center
-    daily = rng.poisson(level * truth) / level
     ratio, stats = flat_ratio_stats(daily, master, expected_sigma=1 / np.sqrt(level))
-    assert stats.median == pytest.approx(1.0, abs=1e-3)
-    assert stats.robust_rms == pytest.approx(np.sqrt((1 + 1 / n) / level), rel=0.1)
+    # Per pixel the ratio scatters by sqrt((1 + 1/n) / level) = 2.7e-3; the median
+    # of 1e4 pixels by 1.2533 x that / 100 = 3.4e-5, and a MAD-based rms by
+    # 1.17 / sqrt(1e4) = 1.2 % of itself (its efficiency is 37 %).
+    rms = np.sqrt((1 + 1 / n) / level)
+    npix = ratio.size
+    assert_close_in_sigma(stats.median, 1.0, 1.2533 * rms / np.sqrt(npix), label="median")
+    assert_close_in_sigma(stats.robust_rms, rms, 1.17 * rms / np.sqrt(npix), label="robust rms")
     assert stats.outlier_fraction < 1e-3
     assert ratio.dtype == np.float32
+
+
+def test_flat_ratio_and_residual_sigma_follow_photon_noise():
+    check_flat_ratio_stats(*_flat_ratio_case())
+
+
+@pytest.mark.parametrize("daily_gain", [1.0005, 0.9995], ids=["+0.05%", "-0.05%"])
+def test_flat_ratio_median_catches_a_0p05_percent_change(daily_gain):
+    """A daily flat 0.05 % off (15 sigma of the median): the check must fail."""
+    assert_fails(check_flat_ratio_stats, *_flat_ratio_case(daily_gain))
+
+
+def test_flat_ratio_rms_catches_extra_noise():
+    """Daily flats with 10 % more noise than photon noise: the rms check fails."""
+    frames, daily, n, level = _flat_ratio_case()
+    rng = np.random.default_rng(8)
+    noisy = daily + rng.normal(0, 0.46 / np.sqrt(level), daily.shape)
+    assert_fails(check_flat_ratio_stats, frames, noisy, n, level)

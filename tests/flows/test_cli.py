@@ -11,7 +11,10 @@ import pytest
 from flows.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["run"], ["demo"], ["config"], ["ingest"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["simulate"], ["run"], ["report"], ["demo"], ["serve"], ["config"], ["ingest"]],
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])
@@ -22,6 +25,18 @@ def test_every_command_has_help(command, capsys):
         options = ("--store", "--raw", "--night", "--stages", "--config", "--dask-address")
         for option in (*options, "--workers"):
             assert option in out
+    if command not in ([], ["config"], ["ingest"]):
+        assert "--verbose" in out
+
+
+def test_run_help_says_what_each_option_needs(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "needed by reduce, photometry, ubercal, train and score" in out
+    assert "in any order: they always run in that order" in out
+    assert "-116.865" in out
+    assert "evening date" in out
 
 
 @pytest.mark.parametrize(
@@ -33,6 +48,8 @@ def test_every_command_has_help(command, capsys):
         (["run", "--store", "s", "--workers", "2", "--dask-address", "tcp://x:1"], "not allowed"),
         (["simulate", "out", "--preset", "huge"], "huge"),
         (["simulate", "out", "--domain", "Z"], "Z"),
+        (["serve", "--port", "70000"], "1..65535"),
+        (["report", "store"], "--out"),
     ],
 )
 def test_bad_arguments_name_what_is_wrong(argv, message, capsys):
@@ -66,3 +83,15 @@ def test_console_script_is_installed():
     assert result.returncode == 0
     assert "simulate" in result.stdout
     assert "demo" in result.stdout
+
+
+def test_serve_refuses_a_port_in_use(capsys):
+    """Another server on the port would silently take the UI's requests."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert f"port {port}" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
@@ -28,11 +30,56 @@ def test_every_deployment_entrypoint_is_a_flow():
     assert nightly["schedules"][0]["cron"]
 
 
+def _accepted_keywords(cls: type) -> set[str]:
+    """Keyword arguments ``cls(...)`` accepts. A LocalCluster passes unknown
+    keywords on to its Nanny and Worker, so theirs count too."""
+    import distributed
+
+    chain = [cls]
+    if cls is distributed.LocalCluster:
+        chain += [distributed.Nanny, distributed.Worker]
+    names: set[str] = set()
+    for c in chain:
+        params = inspect.signature(c.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    return names
+
+
+def check_cluster_spec(spec: ClusterSpec) -> None:
+    """The class resolves to a Dask Cluster and takes every keyword of the spec."""
+    from distributed.deploy.cluster import Cluster
+
+    module, _, name = spec.cluster_class.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    assert isinstance(cls, type), spec.cluster_class
+    assert issubclass(cls, Cluster), spec.cluster_class
+    unknown = set(spec.cluster_kwargs) - _accepted_keywords(cls)
+    assert not unknown, f"{spec.cluster_class} does not take {sorted(unknown)}"
+
+
 @pytest.mark.parametrize("name", ["local", "slurm", "kubernetes"])
 def test_cluster_specs_validate(name):
     spec = load_cluster_spec(name)
     assert isinstance(spec, ClusterSpec)
-    assert "." in spec.cluster_class
+    package = spec.cluster_class.partition(".")[0]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed here: the {name} spec is checked where it is")
+    check_cluster_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cluster_class", "distributed.LocalClusterr"),
+        ("cluster_class", "distributed.Client"),
+        ("cluster_kwargs", {"n_workers": 2, "thread_per_worker": 1}),
+    ],
+    ids=["misspelt class", "not a cluster", "misspelt keyword"],
+)
+def test_a_broken_cluster_spec_fails_the_check(field, value):
+    spec = load_cluster_spec("local").model_copy(update={field: value})
+    with pytest.raises((AssertionError, AttributeError)):
+        check_cluster_spec(spec)
 
 
 def test_unknown_cluster_spec_names_the_choices():

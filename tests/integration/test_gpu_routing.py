@@ -10,7 +10,6 @@ from contextlib import contextmanager
 
 import pytest
 from distributed import Client
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.api import prefect_api
 from flows.deployments import device_check
@@ -89,12 +88,6 @@ def dask_cluster(worker_resources: list[str | None]):
                 p.kill()
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _check(address):
     with prefect_api():
         return device_check.with_options(task_runner=make_task_runner(dask_address=address))(
@@ -102,7 +95,7 @@ def _check(address):
         )
 
 
-def test_gpu_marked_tasks_run_only_on_the_gpu_worker(harness):
+def test_gpu_marked_tasks_run_only_on_the_gpu_worker(prefect_server):
     with dask_cluster([None, "GPU=1"]) as (address, workers):
         gpu_addr = next(a for a, w in workers.items() if w.get("resources", {}).get("GPU"))
         results = _check(address)
@@ -114,7 +107,7 @@ def test_gpu_marked_tasks_run_only_on_the_gpu_worker(harness):
     assert all(r["device"] in ("cpu", "cuda") for r in plain + marked)
 
 
-def test_without_gpu_workers_marked_tasks_fall_back_to_cpu(harness):
+def test_without_gpu_workers_marked_tasks_fall_back_to_cpu(prefect_server):
     with dask_cluster([None, None]) as (address, workers):
         results = _check(address)
     assert len(results) == 12

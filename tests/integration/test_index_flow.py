@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.api import prefect_api
 from flows.pipeline import photocal_run
@@ -17,12 +16,6 @@ from flows.runners import make_task_runner
 from tasks.io.store import list_groups, read_group
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def _run(store, raw, **kwargs):
@@ -40,7 +33,7 @@ def _sha(root):
     }
 
 
-def test_index_flow_on_tiny(harness, tiny_survey, tmp_path):
+def test_index_flow_on_tiny(prefect_server, tiny_survey, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(tiny_survey.raw, raw)
     before = _sha(raw)
@@ -91,7 +84,7 @@ def test_index_flow_on_tiny(harness, tiny_survey, tmp_path):
         xr.testing.assert_identical(ds.drop_attrs(), again.drop_attrs())
 
 
-def test_index_flow_limited_to_one_night(harness, tiny_survey, tmp_path):
+def test_index_flow_limited_to_one_night(prefect_server, tiny_survey, tmp_path):
     truth = xr.open_zarr(tiny_survey.truth, group="exposures", consolidated=False)
     night = str(truth.night.values[-1])
     store = tmp_path / "one.zarr"
@@ -100,7 +93,7 @@ def test_index_flow_limited_to_one_night(harness, tiny_survey, tmp_path):
     assert list_groups(store, "index") == sorted([night, "unknown-night"])
 
 
-def test_flow_refuses_unknown_stage_and_missing_raw(harness, tmp_path):
+def test_flow_refuses_unknown_stage_and_missing_raw(prefect_server, tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         _run(tmp_path / "s.zarr", tmp_path, stages=["index", "teleport"])
     with prefect_api(), pytest.raises(ValueError, match="--raw"):

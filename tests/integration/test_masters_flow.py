@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import xarray as xr
-from prefect.testing.utilities import prefect_test_harness
+from statchecks import assert_close_in_sigma, assert_fails
 
 from flows.api import prefect_api
 from flows.pipeline import photocal_run
@@ -20,12 +20,6 @@ from tasks.masters import MastersConfig
 from tasks.simulate import simulate_survey
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -52,35 +46,68 @@ def _truth(survey, group):
 
 
 @pytest.fixture(scope="module")
-def one_period(harness, survey, tmp_path_factory):
+def one_period(prefect_server, survey, tmp_path_factory):
     """Both nights in one 20-day period."""
     store = tmp_path_factory.mktemp("store") / "photocal.zarr"
     summary = _run(store, survey.raw, MastersConfig())
     return store, summary
 
 
-def test_master_bias_reaches_the_read_noise_floor(survey, one_period):
-    store, _ = one_period
-    (period,) = list_groups(store, "masters/bias")
-    master = read_group(store, f"masters/bias/{period}")
+def check_master_bias(master: xr.Dataset, survey) -> None:
+    """Master bias against the truth (the mean of both nights' bias structure:
+    the master combines 8 frames of each, so the 2 ADU jump averages alike)."""
     camera = _truth(survey, "camera")
-    nights = sorted(_truth(survey, "exposures").night.values.tolist())
-    truth = np.mean(
-        [_truth(survey, f"maps/bias/{n}").bias.values for n in sorted(set(nights))], axis=0
-    )
+    nights = sorted(set(_truth(survey, "exposures").night.values.tolist()))
+    truth = np.mean([_truth(survey, f"maps/bias/{n}").bias.values for n in nights], axis=0)
     defects = _truth(survey, "maps/defects").defects.values
     n = int(master.nframes.max())
     assert n == 16
+    # Each frame's level is the median of its overscan, whose pixels are integer
+    # ADU: the median is the nearest integer to the level (its noise, 1.25 x
+    # 1.3 ADU / sqrt(1024 pixels) = 0.05, is far below the step), an error
+    # uniform in +-0.5 ADU, 1/sqrt(12) = 0.29 ADU per frame, 0.072 ADU after 16
+    # frames; the pixels add floor / sqrt(n_pixels) = 0.003 ADU.
+    means, sigmas = [], []
     for i, q in enumerate(master.quadrant.values):
         good = defects[i] == 0
         resid = (master.bias.values[i] - truth[i])[good]
         rn_adu = float(camera.read_noise_e.sel(quadrant=q) / camera.gain.sel(quadrant=q))
         floor = rn_adu / np.sqrt(n)
-        # The bias level is removed per frame by the overscan; what is left must
-        # be read noise averaged down, nothing more (the jump is in both).
+        # What is left per pixel must be read noise averaged down, nothing more.
         assert np.std(resid) == pytest.approx(floor, rel=0.10), (q, np.std(resid), floor)
-        assert abs(np.mean(resid)) < 1.5 + 3 * floor  # the jump shifts the mean of the two nights
-    assert master.attrs["summary"]["is_reference"]
+        sigma = np.sqrt(1 / 12 / n + floor**2 / good.sum())
+        assert_close_in_sigma(float(np.mean(resid)), 0.0, sigma, label=f"quadrant {q} mean")
+        means.append(float(np.mean(resid)))
+        sigmas.append(sigma)
+    # Quadrants have independent levels: their mean is known to 0.026 ADU.
+    sigma_all = float(np.sqrt(np.sum(np.square(sigmas)))) / len(sigmas)
+    assert_close_in_sigma(float(np.mean(means)), 0.0, sigma_all, label="mean over quadrants")
+
+
+@pytest.fixture(scope="module")
+def bias_master(one_period):
+    store, _ = one_period
+    (period,) = list_groups(store, "masters/bias")
+    return read_group(store, f"masters/bias/{period}").load()
+
+
+def test_master_bias_reaches_the_read_noise_floor(survey, bias_master):
+    check_master_bias(bias_master, survey)
+    assert bias_master.attrs["summary"]["is_reference"]
+
+
+@pytest.mark.parametrize(
+    "perturb",
+    [
+        lambda m: m.assign(bias=m.bias + 1.0),
+        lambda m: m.assign(bias=m.bias - 0.3),
+        lambda m: m.assign(bias=m.bias + 0.3 * (m.quadrant == m.quadrant[0])),
+        lambda m: m.assign(bias=m.bias + np.random.default_rng(0).normal(0, 0.35, m.bias.shape)),
+    ],
+    ids=["+1 ADU", "-0.3 ADU", "one quadrant +0.3 ADU", "one floor of extra noise"],
+)
+def test_master_bias_check_fails_on_an_offset(survey, bias_master, perturb):
+    assert_fails(check_master_bias, perturb(bias_master), survey)
 
 
 def test_master_flat_reaches_its_photon_noise_floor(survey, one_period):
@@ -148,7 +175,7 @@ def test_defects_are_found(survey, one_period):
         assert (got & ~real).sum() / real.size < 1e-3, bit
 
 
-def test_stability_flags_the_bias_jump(harness, survey, tmp_path):
+def test_stability_flags_the_bias_jump(prefect_server, survey, tmp_path):
     """One-night periods: the second night's bias, 2 ADU higher, is flagged
     against the first (the reference); its delta map and plots are stored."""
     store = tmp_path / "p1.zarr"
@@ -167,7 +194,7 @@ def test_stability_flags_the_bias_jump(harness, survey, tmp_path):
     assert f"masters/bias/{periods[1]}" in summary["masters"]
 
 
-def test_masters_rerun_is_idempotent(harness, survey, one_period):
+def test_masters_rerun_is_idempotent(prefect_server, survey, one_period):
     store, _ = one_period
     groups = [f"masters/bias/{p}" for p in list_groups(store, "masters/bias")]
     groups += [f"masters/flat/r/{p}" for p in list_groups(store, "masters/flat/r")]

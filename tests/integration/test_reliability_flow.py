@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import xarray as xr
 from distributed import Client, LocalCluster
-from prefect.testing.utilities import prefect_test_harness
 from prefect_dask import DaskTaskRunner
 
 from flows.api import prefect_api
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.integration
 STAGES = ["index", "masters", "reduce", "photometry"]
 EMPTY_NIGHT = "2026-03-20"  # inside the survey's span, nothing observed
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -89,7 +82,7 @@ def _run(store: Path, raw: Path, refcat: Path, nights: list[str], runner) -> dic
 
 
 @pytest.fixture(scope="module")
-def reference(harness, bad_corpus, tiny_survey, tmp_path_factory):
+def reference(prefect_server, bad_corpus, tiny_survey, tmp_path_factory):
     """The undisturbed run over the corpus, every night plus an empty one."""
     raw, _ = bad_corpus
     before = _digests(raw)
@@ -114,6 +107,12 @@ def test_bad_inputs_are_rejected_and_the_run_completes(reference, bad_corpus, ti
         exposures = groups[f"nights/{night}/exposures"]
         assert sorted(exposures["expid"].values.tolist()) == sorted(science.expid)
         assert groups[f"nights/{night}/catalog"].sizes["obs"] > 100
+        # The flow's plan -> photometer_chunk_task.map -> write_night_task chain
+        # reports what it wrote.
+        catalog, counts = groups[f"nights/{night}/catalog"], summary["photometry"][night]
+        assert counts["exposures"] == len(science)
+        assert counts["observations"] == catalog.sizes["obs"]
+        assert counts["clean"] == int((catalog.flags.values == 0).sum())
     assert any(g.startswith("masters/bias/") for g in groups)
     assert any(g.startswith("masters/flat/") for g in groups)
     # The empty night: nothing written, nothing failed, and said so per stage.
@@ -124,7 +123,7 @@ def test_bad_inputs_are_rejected_and_the_run_completes(reference, bad_corpus, ti
 
 
 def test_refcat_with_missing_columns_fails_the_run_before_any_write(
-    harness, bad_corpus, tiny_survey, tmp_path
+    prefect_server, bad_corpus, tiny_survey, tmp_path
 ):
     raw, _ = bad_corpus
     refcat = write_refcat_missing_columns(tiny_survey.refcat, tmp_path / "refcat.fits")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.api import prefect_api
 from flows.pipeline import photocal_run
@@ -16,10 +15,10 @@ from tasks.transients import TransientsConfig
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_transients_stage_writes_each_night(tmp_path):
+def test_transients_stage_writes_each_night(prefect_server, tmp_path):
     config = TransientsConfig(quadrant_px=512, pairs_per_night=2, train_pairs=2, epochs=1)
     nights = ["2026-03-10", "2026-03-11"]
-    with prefect_test_harness(server_startup_timeout=180), prefect_api():
+    with prefect_api():
         summary = photocal_run.with_options(task_runner=make_task_runner(workers=2))(
             store=str(tmp_path / "s.zarr"), nights=nights, stages=["transients"], transients=config
         )

@@ -14,7 +14,7 @@ from tasks.simulate import write_catalog_refcat, write_catalog_survey
 pytestmark = pytest.mark.integration
 
 
-def test_ubercal_stage_through_the_cli(tmp_path, capsys):
+def test_ubercal_stage_through_the_cli(prefect_server, tmp_path, capsys):
     survey = simulate_catalog_survey(
         CatalogSurveyConfig(
             seed=11,

@@ -3,19 +3,24 @@ realistic magnitudes of every effect it models."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS
+from statchecks import assert_fails
 
+import sim.schedule
 from sim.camera import Camera
 from sim.config import BANDS, make_config
 from sim.instrument import Instrument
-from sim.schedule import telemetry_zp_loss_mag
+from sim.schedule import EXTINCTION_PER_AIRMASS, telemetry_zp_loss_mag
 from sim.survey import Survey
 from tasks.io.raw import read_quadrants, validate_file
 from tasks.simulate import simulate_survey
@@ -194,30 +199,119 @@ def test_telemetry_moves_zero_point_non_linearly_by_tens_of_mmag():
     assert 0.02 < full[1] - full[0] < 0.06
 
 
+def zero_point_table(zp: np.ndarray, headers: list[dict], quadrants: np.ndarray) -> pd.DataFrame:
+    """One row per (exposure, quadrant): the truth zero point beside what the
+    camera wrote in the exposure's header (band, airmass, telemetry)."""
+    rows = [
+        {**h, "quadrant": int(q), "zp": float(z)}
+        for h, zps in zip(headers, zp, strict=True)
+        for q, z in zip(quadrants, zps, strict=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _header_row(h, night: str) -> dict:
+    return {
+        "expid": h.expid, "night": night, "band": h.band, "airmass": h.airmass,
+        "temp": h.out_temp_c, "rhum": h.out_rhum_pct, "wind": h.wind_speed_mps,
+    }  # fmt: skip
+
+
+def check_zero_points_follow_the_atmosphere(table: pd.DataFrame) -> None:
+    """The physics, not the simulator's own sum: with k_b X from the header
+    airmass and the telemetry loss from the header's temperature, humidity and
+    wind, zp + k_b X + loss(T, RH, W) is one constant per band on the clear
+    night (to the headers' rounding: 2 decimals of T, RH, W and 5 of X move the
+    loss by < 4e-5 mag), and below it by grey clouds (>= 0, tens of mmag,
+    varying in time and across the focal plane) on the cloudy night."""
+    k = table.band.map(EXTINCTION_PER_AIRMASS)
+    loss = telemetry_zp_loss_mag(table.temp.values, table.rhum.values, table.wind.values)
+    level = table.zp + k * table.airmass + loss
+    first = sorted(set(table.night))[0]
+    for band, rows in table.groupby("band"):
+        clear = level[rows.index[rows.night == first]]
+        assert np.ptp(clear) < 1e-4, (band, np.ptp(clear))
+        cloud = float(np.median(clear)) - level[rows.index[rows.night != first]]
+        assert cloud.min() > -1e-4, (band, cloud.min())
+        assert cloud.mean() > 0.03, (band, cloud.mean())
+        by_exposure = cloud.groupby(table.expid[cloud.index])
+        assert np.ptp(by_exposure.mean()) > 0.01  # in time
+        assert (by_exposure.max() - by_exposure.min()).max() > 0.002  # across the focal plane
+    # Airmass and telemetry each move the clear-night zero points by more than
+    # the 1e-4 the constancy allows.
+    assert np.ptp(k * table.airmass) > 1e-3
+    assert np.ptp(loss) > 1e-3
+
+
 def test_truth_zero_points_follow_airmass_clouds_and_telemetry(tiny_survey):
     zp = xr.open_zarr(tiny_survey.truth, group="zp", consolidated=False).load()
     ex = xr.open_zarr(tiny_survey.truth, group="exposures", consolidated=False).load()
     ex = ex.swap_dims({"exposure": "expid"}).sel(expid=zp.expid)
-    cam = xr.open_zarr(tiny_survey.truth, group="camera", consolidated=False)
-    norm = cam.attrs["flat_norm"]["r"]
-    expected = (
-        make_config("tiny").instrument.zp_e_per_s["r"]
-        + 2.5 * np.log10(norm)
-        - ex.extinction_mag
-        - zp.cloud_mag
-        - ex.telemetry_mag
-    )
-    np.testing.assert_allclose(zp.zp, expected.transpose(*zp.zp.dims), atol=1e-12)
-    nights = ex.night.values
-    clear, cloudy = (
-        zp.cloud_mag.values[nights == nights[0]],
-        zp.cloud_mag.values[nights != nights[0]],
-    )
-    assert np.all(clear == 0.0)
-    assert cloudy.mean() > 0.03
-    # Grey clouds vary in time on the cloudy night, and across the focal plane.
-    assert np.ptp(cloudy.mean(axis=1)) > 0.01
-    assert np.ptp(cloudy, axis=1).max() > 0.002
+    headers = [
+        _header_row(validate_file(tiny_survey.raw / str(path)).header, str(night))
+        for path, night in zip(ex.path.values, ex.night.values, strict=True)
+    ]
+    table = zero_point_table(zp.zp.values, headers, zp.quadrant.values)
+    check_zero_points_follow_the_atmosphere(table)
+
+
+def _zenith_extinction(monkeypatch) -> None:
+    """The schedule computes each exposure's extinction as if at the zenith (the
+    header airmass is right): the simulator's own sum still adds up."""
+    made = sim.schedule.Exposure
+
+    def exposure(*args, **kw):
+        e = made(*args, **kw)
+        if e.extinction_mag is None:
+            return e
+        return dataclasses.replace(e, extinction_mag=EXTINCTION_PER_AIRMASS[e.band])
+
+    monkeypatch.setattr(sim.schedule, "Exposure", exposure)
+
+
+def _zp_plus(term):
+    """zp_true with a term added: how a broken simulator could sum it."""
+    original = Survey.zp_true
+    return lambda self, e, q: original(self, e, q) + term(self, e, q)
+
+
+PERTURBATIONS = {
+    "extinction at the zenith": _zenith_extinction,
+    "telemetry ignored": lambda mp: mp.setattr(
+        Survey, "zp_true", _zp_plus(lambda s, e, q: e.telemetry_mag)
+    ),
+    "clouds ignored": lambda mp: mp.setattr(
+        Survey, "zp_true", _zp_plus(lambda s, e, q: s.cloud_mag(e, q))
+    ),
+    "extinction twice": lambda mp: mp.setattr(
+        Survey, "zp_true", _zp_plus(lambda s, e, q: -e.extinction_mag)
+    ),
+}
+
+
+@pytest.mark.parametrize("perturbation", sorted(PERTURBATIONS))
+def test_zero_point_check_fails_on_a_broken_atmosphere(perturbation, monkeypatch):
+    """The truth of a perturbed simulator (same headers) must fail the check."""
+    PERTURBATIONS[perturbation](monkeypatch)
+    survey = Survey(make_config("tiny", seed=3))
+    science = [e for e in survey.exposures if e.imagetyp == "SCIENCE"]
+    quadrants = survey.camera.quadrant_ids
+    zp = np.array([[survey.zp_true(e, int(q)) for q in quadrants] for e in science])
+    headers = [
+        _header_row(
+            SimpleNamespace(
+                expid=e.expid,
+                band=e.band,
+                airmass=e.airmass,
+                out_temp_c=e.out_temp_c,
+                out_rhum_pct=e.out_rhum_pct,
+                wind_speed_mps=e.wind_mps,
+            ),
+            e.night,
+        )
+        for e in science
+    ]
+    assert_fails(check_zero_points_follow_the_atmosphere, zero_point_table(zp, headers, quadrants))
 
 
 def test_dithers_put_stars_on_several_quadrants(tiny_survey):

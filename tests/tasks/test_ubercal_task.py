@@ -3,9 +3,13 @@ night catalogs: read nights/*/catalog, anchor to the refcat, write ubercal/<band
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from statchecks import assert_fails, assert_unit_pulls
 
+import tasks.ubercal
 from calib.ubercal import UbercalOptions
 from sim.catalogsim import CatalogSurveyConfig, simulate_catalog_survey
 from tasks.io.store import StoreError, read_group
@@ -35,12 +39,65 @@ def filled(tmp_path_factory):
     return survey, store, refcat
 
 
-def test_stage_writes_the_ubercal_group(filled, tmp_path):
-    survey, store, refcat = filled
+def check_zero_points_against_truth(ds, survey) -> None:
+    """Zero points match the truth after the gauge offset, within their own
+    errors: pulls of unit width, two-sided (the chi-square band of n values), so
+    errors that are too large fail as surely as errors that are too small."""
+    rows = np.searchsorted(survey.exposures["expid"], ds.expid.values)
+    truth = survey.zp_true[rows][:, ds.quadrant.values]
+    # Each quadrant's mean starflat lives in its zero points (the gauge).
+    truth = truth + survey.starflat_true[ds.quadrant.values].mean(axis=(1, 2))[None]
+    d = ds.zp.values - truth
+    d -= np.nanmean(d)
+    pull = (d / ds.zp_err.values).ravel()
+    assert np.isfinite(pull).sum() > 100
+    assert_unit_pulls(pull, label="ubercal zero-point pulls")
+
+
+@pytest.fixture(scope="module")
+def solved(filled):
+    """The stage over every night; its summary and the group it wrote, loaded
+    (later tests rewrite the group)."""
+    _, store, refcat = filled
     out = run_ubercal_stage(store, refcat, UbercalStageConfig(band="r"))
+    return out, read_group(store, "ubercal/r").load()
+
+
+@pytest.mark.parametrize(
+    "perturb",
+    [
+        lambda ds: ds.assign(zp_err=2 * ds.zp_err),
+        lambda ds: ds.assign(zp_err=0.5 * ds.zp_err),
+        lambda ds: ds.assign(zp_err=ds.zp_err / 1000.0),
+        lambda ds: ds.assign(zp=ds.zp + 3 * ds.zp_err * np.sign(np.sin(ds.expid % 7))),
+    ],
+    ids=["errors x2", "errors / 2", "errors in mmag as mag", "3-sigma zero-point errors"],
+)
+def test_zero_point_check_fails_on_wrong_errors(filled, solved, perturb):
+    survey, _, _ = filled
+    _, ds = solved
+    assert_fails(check_zero_points_against_truth, perturb(ds), survey)
+
+
+def test_zero_point_check_fails_when_the_solver_doubles_its_errors(filled, monkeypatch):
+    """The code perturbed: the stage's solver reports errors x2."""
+    survey, store, refcat = filled
+    solve = tasks.ubercal.solve_ubercal
+
+    def doubled(*args, **kwargs):
+        sol = solve(*args, **kwargs)
+        return dataclasses.replace(sol, zp_err_mag=2 * sol.zp_err_mag)
+
+    monkeypatch.setattr(tasks.ubercal, "solve_ubercal", doubled)
+    run_ubercal_stage(store, refcat, UbercalStageConfig(band="r", plots=False))
+    assert_fails(check_zero_points_against_truth, read_group(store, "ubercal/r"), survey)
+
+
+def test_stage_writes_the_ubercal_group(filled, solved, tmp_path):
+    survey, _, _ = filled
+    out, ds = solved
     assert out["group"] == "ubercal/r"
     assert len(out["nights"]) == 3
-    ds = read_group(store, "ubercal/r")
     assert ds.zp.dims == ("expid", "quadrant")
     assert ds.starflat.dims == ("quadrant", "cell_y", "cell_x")
     assert ds.star_mag.dims == ("source_id",)
@@ -58,13 +115,7 @@ def test_stage_writes_the_ubercal_group(filled, tmp_path):
     assert "exposure-quadrant" in out["model"]
     assert ds.attrs["inputs"]["nights"] == out["nights"]
     assert ds.attrs["qa"]["repeatability_bright_median_mag"] < 0.01
-    # Zero points match the truth after the gauge offset, within their errors.
-    rows = np.searchsorted(survey.exposures["expid"], ds.expid.values)
-    truth = survey.zp_true[rows][:, ds.quadrant.values]
-    truth = truth + survey.starflat_true[ds.quadrant.values].mean(axis=(1, 2))[None]
-    d = ds.zp.values - truth
-    d -= d.mean()
-    assert np.sqrt(np.mean((d / ds.zp_err.values) ** 2)) < 1.3
+    check_zero_points_against_truth(ds, survey)
     # The plots are PNG files.
     for name in ("starflat_png", "residual_png"):
         png = write_png(ds, name, tmp_path / f"{name}.png")
