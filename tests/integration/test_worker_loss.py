@@ -18,7 +18,6 @@ import dask
 import pytest
 import xarray as xr
 from distributed import Client, LocalCluster, WorkerPlugin
-from prefect.testing.utilities import prefect_test_harness
 from prefect_dask import DaskTaskRunner
 
 from flows.api import prefect_api
@@ -97,7 +96,7 @@ def _copy(store: Path, tmp_path: Path) -> Path:
 
 def _photometry(store: Path, tiny_survey, runner) -> dict:
     """The first night's photometry, one exposure per chunk (4 chunks)."""
-    with prefect_test_harness(server_startup_timeout=180), prefect_api():
+    with prefect_api():
         return photocal_run.with_options(task_runner=runner)(
             store=str(store),
             refcat=str(tiny_survey.refcat),
@@ -122,7 +121,7 @@ def _computations(log: Path) -> Counter:
 
 @pytest.mark.slow  # 60-90 s idle, minutes on a loaded machine: a night's photometry
 def test_worker_killed_after_half_the_chunks_recomputes_none_of_them(
-    masters_store, tiny_survey, tmp_path
+    prefect_server, masters_store, tiny_survey, tmp_path
 ):
     store = _copy(masters_store, tmp_path)
     log = tmp_path / "computed.log"
@@ -130,7 +129,7 @@ def test_worker_killed_after_half_the_chunks_recomputes_none_of_them(
     index = read_group(store, f"index/{tiny_survey.nights[0]}")
     n_chunks = int(((index.imagetyp == "SCIENCE") & (index.status == "ok")).sum())
     killed: dict = {}
-    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+    with prefect_api(), LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         client.register_plugin(CountChunks(str(log)))
         pids = client.run(os.getpid)
 
@@ -181,7 +180,9 @@ CHUNK_FLOOR_S = 4.0
 
 @pytest.mark.slow  # 1-3 min: two nights' photometry through a few generations of workers
 @pytest.mark.timeout(600)
-def test_workers_draining_at_their_lifetime_lose_no_work(masters_store, tiny_survey, tmp_path):
+def test_workers_draining_at_their_lifetime_lose_no_work(
+    prefect_server, masters_store, tiny_survey, tmp_path
+):
     """Workers with a lifetime, as the slurm spec starts them inside a job's
     walltime (the tasks.lifetime preload: drain after 20 +- 5 s; with no peer to
     take the results, work on and try again every 2 s), replaced by adaptive
@@ -198,7 +199,10 @@ def test_workers_draining_at_their_lifetime_lose_no_work(masters_store, tiny_sur
     kwargs = {
         **make_task_runner(workers=2).cluster_kwargs,
         "n_workers": 0,
-        "preload": ["tasks.lifetime"],
+        # The pipeline's imports first, so that a worker's lifetime starts once
+        # it can run a task: at load 14 they took longer than the 20 s lifetime,
+        # and workers left one after the other before running anything.
+        "preload": ["flows.pipeline", "tasks.lifetime"],
         "preload_argv": [
             "--drain-after", f"{DRAIN_AFTER_S}s", "--drain-stagger", f"{DRAIN_STAGGER_S}s",
             "--drain-retry", "2s", "--drain-timeout", "120s",
@@ -208,7 +212,6 @@ def test_workers_draining_at_their_lifetime_lose_no_work(masters_store, tiny_sur
     # A replacement once a worker has left for 1 s (Dask's default waits 15 s).
     with (
         dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}),
-        prefect_test_harness(server_startup_timeout=180),
         prefect_api(),
         LocalCluster(**kwargs) as cluster,
         Client(cluster) as client,
