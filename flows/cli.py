@@ -297,12 +297,16 @@ def run_pipeline(
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
     from tasks.config import load_config
+    from tasks.io.objstore import use_store_config
     from tasks.progress import listening
 
     flags: dict[str, dict] = {"reduce": {"keep_reduced": True}} if keep_reduced else {}
     if site_longitude is not None:
         flags["index"] = {"site_longitude_deg": site_longitude}
     resolved = load_config(config, overrides=flags)
+    # [store] stays out of the flow's parameters (it may name credentials): it
+    # reaches this process and the workers it starts through the environment.
+    use_store_config(resolved["store"])
     runner = make_task_runner(
         dask_address=dask_address,
         workers=workers,
@@ -446,6 +450,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("photocal run: requested work could not be done:", file=sys.stderr)
         print_missing(err.missing, file=sys.stderr)
         return 1
+    except ConfigError as err:
+        print(f"photocal run: {err}", file=sys.stderr)
+        return 2
     except StoreError as err:
         print(f"photocal run: {err}", file=sys.stderr)
         return 1
@@ -631,6 +638,7 @@ def _add_ingest_parser(sub) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tasks.config import ConfigError, load_config
     from tasks.ingest import IngestError, ingest_summary_lines, ingest_table, parse_assignments
+    from tasks.io.objstore import use_store_config
     from tasks.io.raw import RawFileError
 
     try:
@@ -640,6 +648,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             else {"index": {"site_longitude_deg": args.site_longitude}}
         )
         config = load_config(args.config, overrides=overrides)
+        use_store_config(config["store"])
         result = ingest_table(
             args.table,
             args.store,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.api import prefect_api
 from flows.pipeline import photocal_run
@@ -41,12 +40,14 @@ def _same(a: xr.Dataset, b: xr.Dataset, qa_dirs: tuple[str, str] = ("", "")) -> 
 
 
 @pytest.mark.slow  # 60-90 s idle: the stages on S3, then again in one process
-def test_index_masters_and_photometry_on_s3(s3_store, tiny_survey, tmp_path, monkeypatch):
+def test_index_masters_and_photometry_on_s3(
+    prefect_server, s3_store, tiny_survey, tmp_path, monkeypatch
+):
     night = tiny_survey.nights[0]
     # QA plots of an object store go to a local folder named after it, relative
     # to the working directory (tasks/qa.py): keep them out of the repository.
     monkeypatch.chdir(tmp_path)
-    with prefect_test_harness(server_startup_timeout=180), prefect_api():
+    with prefect_api():
         summary = photocal_run.with_options(task_runner=make_task_runner(workers=2))(
             store=s3_store,
             raw=str(tiny_survey.raw),
