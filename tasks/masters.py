@@ -51,7 +51,7 @@ from tasks.io.store import (
     write_region,
 )
 from tasks.logs import run_logger
-from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_dir
+from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_path
 
 
 class MastersConfig(StageConfig, table="masters"):
@@ -400,7 +400,7 @@ def commit_bias(
         plots["delta_map"] = str(
             plot_quadrant_maps(
                 maps,
-                qa_dir(store, group) / "delta_ref.png",
+                qa_path(store, group, "delta_ref.png"),
                 title=f"master bias {plan.period} - reference {reference}",
                 unit="ADU",
             )
@@ -643,7 +643,6 @@ def commit_flat(
     group = groups.flat(band, plan.period)
     norm = focal_plane_normalisation(pair for part in sums for pair in part.values())
     ds = open_staging(staging)
-    qa = qa_dir(store, group)
     flat_maps, sigma_samples = {}, {}
     n_defects = 0
     # One quadrant at a time: a whole focal plane is ~9 GB at ZTF size.
@@ -669,7 +668,7 @@ def commit_flat(
         "flat_map": str(
             plot_quadrant_maps(
                 flat_maps,
-                qa / "flat.png",
+                qa_path(store, group, "flat.png"),
                 title=f"master flat {band} {plan.period} (minus 1)",
                 unit="relative",
             )
@@ -677,7 +676,7 @@ def commit_flat(
         "residual_sigma_hist": str(
             plot_histograms(
                 sigma_samples,
-                qa / "residual_sigma.png",
+                qa_path(store, group, "residual_sigma.png"),
                 title="per-pixel residual sigma of the flat stack",
                 xlabel="sigma_i",
                 empty_note="no data (a single frame per LED has no scatter)",
@@ -690,7 +689,7 @@ def commit_flat(
                     for led in small.led.values
                 },
                 RATIO_EDGES,
-                qa / "ratio_hist.png",
+                qa_path(store, group, "ratio_hist.png"),
                 title=f"daily / master flat {band} {plan.period}, all quadrants and nights",
                 xlabel="ratio (end bins hold everything beyond)",
             )
