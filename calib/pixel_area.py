@@ -113,14 +113,23 @@ class PixelAreaCache:
     Parameters
     ----------
     maxsize : int
-        Maps kept (a ZTF-size map is 75 MB in float64).
+        Maps kept at most.
+    max_bytes : int
+        Bytes kept at most (the last map always stays). A ZTF-size map is 75 MB
+        in float64: the whole focal plane's 64 maps would be 4.8 GB of a worker,
+        so by default 6 maps stay; a miss costs the analytic map's 0.21 s
+        (ZTF TAN-SIP, this machine), which benchmarks/photometry.py's chain
+        counts in every quadrant (docs/nightly.md).
     """
 
     maxsize: int = 64
+    max_bytes: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         if self.maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {self.maxsize}")
+        if self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
         self._maps: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -138,7 +147,10 @@ class PixelAreaCache:
         area = pixel_area_map(wcs, shape, method=method)
         area.flags.writeable = False
         self._maps[key] = area
-        if len(self._maps) > self.maxsize:
+        while len(self._maps) > 1 and (
+            len(self._maps) > self.maxsize
+            or sum(m.nbytes for m in self._maps.values()) > self.max_bytes
+        ):
             self._maps.popitem(last=False)
         return area
 

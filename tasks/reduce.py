@@ -174,26 +174,33 @@ class PhotometryConfig(StageConfig, table="photometry"):
 
 @dataclass(frozen=True, eq=False)
 class Masters:
-    """Master calibrations of the period covering a night, indexed by quadrant id:
-    ``bias`` ADU and ``flat`` (quadrant, y, x), ``defects`` uint8 (1 hot, 2 dead)."""
+    """Master calibrations of the period covering a night, indexed by quadrant id
+    and read from the store a quadrant at a time (:meth:`quadrant`): bias ADU and
+    flat (quadrant, y, x), defects uint8 (1 hot, 2 dead; the flat's and the
+    bias's). Lazy because a focal plane's masters do not fit a worker: the ZTF
+    plane's bias and flat groups, with their QA planes, are 34 bytes a pixel,
+    20 GB; loaded whole they stopped every worker of the full-plane night
+    (docs/nightly.md)."""
 
-    bias: xr.DataArray  # (quadrant, y, x) ADU
-    flat: xr.DataArray  # (quadrant, y, x)
-    defects: xr.DataArray  # (quadrant, y, x) uint8
+    bias: xr.DataArray  # (quadrant, y, x) ADU, lazy
+    flat: xr.DataArray  # (quadrant, y, x), lazy
+    flat_defects: xr.DataArray  # (quadrant, y, x) uint8, lazy
+    bias_defects: xr.DataArray | None  # (quadrant, y, x) uint8, lazy
     bias_period: str
     flat_period: str
 
     def quadrant(self, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
-            return (
-                self.bias.sel(quadrant=q).values,
-                self.flat.sel(quadrant=q).values,
-                self.defects.sel(quadrant=q).values,
-            )
+            bias = self.bias.sel(quadrant=q).values
+            flat = self.flat.sel(quadrant=q).values
+            defects = self.flat_defects.sel(quadrant=q).values.astype(np.uint8)
         except KeyError:
             raise StoreError(
                 f"masters (bias {self.bias_period}, flat {self.flat_period}) have no quadrant {q}"
             ) from None
+        if self.bias_defects is not None and q in self.bias_defects.quadrant.values:
+            defects |= self.bias_defects.sel(quadrant=q).values.astype(np.uint8)
+        return bias, flat, defects
 
 
 def _pick_period(store: str, prefix: str, night: str, wanted: str | None) -> str:
@@ -212,12 +219,12 @@ def load_masters(store: str, night: str, band: str, *, period: str | None = None
     """The bias and ``band`` flat of the period covering ``night``."""
     bias_period = _pick_period(store, groups.BIAS, night, period)
     flat_period = _pick_period(store, groups.flats(band), night, period)
-    bias = read_group(store, groups.bias(bias_period))
-    flat = read_group(store, groups.flat(band, flat_period))
-    defects = flat["defects"].astype(np.uint8)
-    if "defects" in bias:
-        defects = defects | bias["defects"].astype(np.uint8).reindex_like(defects, fill_value=0)
-    return Masters(bias["bias"], flat["flat"], defects, bias_period, flat_period)
+    bias = read_group(store, groups.bias(bias_period), load=False)
+    flat = read_group(store, groups.flat(band, flat_period), load=False)
+    bias_defects = bias.get("defects")
+    return Masters(
+        bias["bias"], flat["flat"], flat["defects"], bias_defects, bias_period, flat_period
+    )
 
 
 # --- one exposure -----------------------------------------------------------------

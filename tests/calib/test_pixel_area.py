@@ -87,3 +87,20 @@ def test_bad_inputs_are_named():
         pixel_area_map(w, (10, 10), method="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="maxsize"):
         PixelAreaCache(maxsize=0)
+
+
+def test_cache_keeps_within_its_byte_budget_and_stays_correct(tiny_survey):
+    frames = _science_frames(tiny_survey, n=2)
+    shape = frames[0][0].data.shape
+    one_map = int(np.prod(shape)) * 8
+    cache = PixelAreaCache(max_bytes=2 * one_map)  # two of tiny's quadrant maps
+    quadrants = [fr.wcs for fr in frames[0]]
+    assert len(quadrants) > 2
+    for wcs in quadrants * 2:  # a focal plane's cyclic order: every map evicted before reuse
+        area = cache.get(wcs, shape)
+        np.testing.assert_array_equal(area, pixel_area_map(wcs, shape))
+        assert sum(m.nbytes for m in cache._maps.values()) <= 2 * one_map
+    assert (cache.misses, cache.hits) == (2 * len(quadrants), 0)
+    assert cache.get(quadrants[-1], shape) is area  # the newest stays
+    with pytest.raises(ValueError, match="max_bytes"):
+        PixelAreaCache(max_bytes=-1)

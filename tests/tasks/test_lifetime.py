@@ -44,19 +44,21 @@ def _slow(log: str, seconds: float) -> str:
     return "result"
 
 
+def _cluster(n_workers: int) -> LocalCluster:
+    """An in-process cluster of single-threaded workers (their objects are at hand)."""
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=False,
+        asynchronous=True,
+        dashboard_address=None,
+    )
+
+
 async def _drain_while_running(log: Path) -> tuple[str, Status, float]:
     """Start a 1.5 s task on one of two workers, drain that worker while the task
     runs, and return the task's result, the worker's status and when it closed."""
-    async with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=False,
-            asynchronous=True,
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster, asynchronous=True) as client,
-    ):
+    async with _cluster(2) as cluster, Client(cluster, asynchronous=True) as client:
         leaving, _ = cluster.workers.values()
         future = client.submit(_slow, str(log), 1.5, workers=[leaving.address], pure=False)
         while not leaving.state.executing:
@@ -86,16 +88,7 @@ async def _drain_alone_until_a_peer_starts(log: Path) -> tuple[list[str], bool, 
     result, so it works on (a second task runs on it) until a second worker has
     started and takes the results. Returns the tasks' results, whether the drain
     handed them over and how long it took."""
-    async with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=False,
-            asynchronous=True,
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster, asynchronous=True) as client,
-    ):
+    async with _cluster(1) as cluster, Client(cluster, asynchronous=True) as client:
         (alone,) = cluster.workers.values()
         first = client.submit(_slow, str(log), 0.2, pure=False)
         await first  # held by the worker that is about to leave
