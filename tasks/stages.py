@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from prefect import unmapped
+from prefect.exceptions import UpstreamTaskError
 
 from tasks.index import indexed_nights_task
 from tasks.io import groups
@@ -53,7 +54,17 @@ class PrefectRun:
     """Inside a flow: tasks are Prefect task runs on the flow's task runner."""
 
     def one(self, task: Any, *args: Any) -> Any:
-        return task(*args)
+        """The task's result. A task whose upstream futures did not complete (a
+        mapped chunk that failed, its worker killed past its retries) ends in
+        Prefect's NotReady state, and a direct call then returns None: the night
+        went unwritten and the flow said Completed (seen on the 64-quadrant
+        night, docs/nightly.md). That raises here, naming the task."""
+        state = task(*args, return_state=True)
+        if state.is_completed():
+            return state.result()
+        if state.is_failed() or state.is_crashed():
+            return state.result()  # raises the task's own exception
+        raise UpstreamTaskError(f"{task.name}: {state.name}: {state.message}")
 
     def map(self, task: Any, *args: Any) -> Any:
         return task.map(*args)
