@@ -301,25 +301,28 @@ def _weighted_means(
     index: np.ndarray,
     usable: np.ndarray,
     centre: np.ndarray,
+    centre_var: np.ndarray,
     *,
     clip_sigma: float,
     maxiters: int,
     min_stars: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Clipped inverse-variance weighted mean per group, starting from
-    ``centre`` (n_groups,): the means (NaN with fewer than ``min_stars`` kept),
-    the sums of weights, and the kept stars (mask)."""
+    ``centre`` (n_groups,) known to ``centre_var``: a star is kept while it
+    lies within ``clip_sigma`` of its own sigma and the centre's. Returns the
+    means (NaN with fewer than ``min_stars`` kept), the sums of weights, and
+    the kept stars (mask)."""
     n_groups = len(centre)
     w = np.where(usable, 1.0 / np.maximum(var, 1e-12), 0.0)
     s = np.where(usable, star_zp, 0.0)
-    keep = usable & (np.abs(s - centre[index]) <= clip_sigma * np.sqrt(var))
+    keep = usable & (np.abs(s - centre[index]) <= clip_sigma * np.sqrt(var + centre_var[index]))
     for _ in range(maxiters + 1):
         wk = np.where(keep, w, 0.0)
         weight = np.bincount(index, weights=wk, minlength=n_groups)
-        mean = np.bincount(index, weights=wk * s, minlength=n_groups) / np.where(
-            weight > 0, weight, 1.0
-        )
-        new = usable & (np.abs(s - mean[index]) <= clip_sigma * np.sqrt(var))
+        safe = np.where(weight > 0, weight, 1.0)
+        mean = np.bincount(index, weights=wk * s, minlength=n_groups) / safe
+        bound = clip_sigma * np.sqrt(var + 1.0 / safe[index])
+        new = usable & (np.abs(s - mean[index]) <= bound)
         if np.array_equal(new, keep):
             break
         keep = new
@@ -328,35 +331,49 @@ def _weighted_means(
     return mean, weight, keep & (n[index] >= min_stars)
 
 
+def _group_medians(values: np.ndarray, index: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per group, the lower median of ``values`` (NaN for an empty group)."""
+    order = np.lexsort((values, index))
+    counts = np.bincount(index, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    picks = starts + (counts - 1) // 2
+    return np.where(counts > 0, values[order][np.minimum(picks, len(values) - 1)], np.nan)
+
+
 def _weighted_zeropoints(
     star_zp: np.ndarray,
     stated_var: np.ndarray,
     index: np.ndarray,
     usable: np.ndarray,
-    median: np.ndarray,
+    n_groups: int,
     *,
     clip_sigma: float,
     maxiters: int,
     min_stars: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Weighted zero points from the clipped medians: the extra scatter and the
-    means are found in turn (three rounds settle them). Returns zp, err, the
-    kept stars and the extra scatter [mag]."""
+    """Weighted zero points: the extra scatter and the means are found in turn
+    (a few rounds settle them). Each group starts from the median of its
+    stars, with the median's own uncertainty in the clipping bound: a median
+    that counts every star alike can sit among the faint ones, and clipping
+    tightly around it would throw the precise stars out; a weighted median
+    would follow one bright variable. Returns zp, err, the kept stars and the
+    extra scatter [mag]."""
+    rows = np.nonzero(usable)[0]
+    start = _group_medians(star_zp[rows], index[rows], n_groups)
+    deviation = np.abs(star_zp[rows] - start[index[rows]])
+    spread = 1.4826 * _group_medians(deviation, index[rows], n_groups)
+    counts = np.bincount(index[rows], minlength=n_groups)
+    start_var = (1.2533 * spread) ** 2 / np.maximum(counts, 1)
+    start, start_var = np.nan_to_num(start), np.nan_to_num(start_var)
     extra2 = 0.01**2
-    start = np.where(np.isfinite(median), median, 0.0)
-    for _ in range(3):
+    for _ in range(4):
         zp, weight, keep = _weighted_means(
-            star_zp, stated_var + extra2, index, usable, start,
+            star_zp, stated_var + extra2, index, usable, start, start_var,
             clip_sigma=clip_sigma, maxiters=maxiters, min_stars=min_stars,
         )  # fmt: skip
         resid = star_zp[keep] - zp[index[keep]]
         leverage = 1.0 / weight[index[keep]]
         extra2 = extra_scatter(resid, stated_var[keep], leverage) ** 2
-        start = np.where(np.isfinite(zp), zp, start)
-    zp, weight, keep = _weighted_means(
-        star_zp, stated_var + extra2, index, usable, start,
-        clip_sigma=clip_sigma, maxiters=maxiters, min_stars=min_stars,
-    )  # fmt: skip
     err = np.where(np.isfinite(zp), 1.0 / np.sqrt(np.where(weight > 0, weight, np.nan)), np.nan)
     return zp, err, keep, float(np.sqrt(extra2))
 
@@ -467,6 +484,29 @@ def classical_zeropoints(
         term = ColourTerm(float(colour_term), 0.0, float(pivot), 0, fitted=False)
     star_zp = m_ref + term.value * (colour - pivot) - m_inst
     groups = np.unique(group)
+    if estimator == "weighted":
+        index = np.searchsorted(groups, group)
+        stated = _stated_variance(m_inst_err, m_ref_err, len(star_zp), nan=np.inf)
+        zp, err, keep, extra = _weighted_zeropoints(
+            star_zp, np.where(np.isfinite(stated), stated, 0.0), index,
+            ok & np.isfinite(stated), len(groups), clip_sigma=clip_sigma,
+            maxiters=maxiters, min_stars=min_stars,
+        )  # fmt: skip
+        order = np.argsort(index[keep], kind="stable")
+        members = np.nonzero(keep)[0][order]
+        bounds = np.searchsorted(index[members], np.arange(len(groups) + 1))
+        n_kept = np.diff(bounds).astype(np.int64)
+        scatter = np.full(len(groups), np.nan)
+        for g in np.nonzero(np.isfinite(zp))[0]:
+            kept = members[bounds[g] : bounds[g + 1]]
+            scatter[g] = float(np.std(star_zp[kept], ddof=1))
+            if term.fitted:
+                colour_err = term.err * abs(float(np.mean(colour[kept])) - pivot)
+                err[g] = float(np.hypot(err[g], colour_err))
+        return ZeroPoints(
+            group=groups, zp=zp, zp_err=err, n_stars=n_kept, scatter=scatter,
+            colour_term=term, extra_scatter=extra,
+        )  # fmt: skip
     zp = np.full(len(groups), np.nan)
     err = np.full(len(groups), np.nan)
     scatter = np.full(len(groups), np.nan)
@@ -488,40 +528,12 @@ def classical_zeropoints(
         zp[k] = float(np.median(star_zp[kept]))
         scatter[k] = float(np.std(star_zp[kept], ddof=1))
         kept_of[k] = kept
-    if estimator == "weighted":
-        usable = ok & np.isfinite(_stated_variance(m_inst_err, m_ref_err, len(star_zp), nan=np.inf))
-        index = np.searchsorted(groups, group)
-        zp, err, keep, extra = _weighted_zeropoints(
-            star_zp, _stated_variance(m_inst_err, m_ref_err, len(star_zp), nan=0.0), index,
-            usable & np.isfinite(zp)[index], zp, clip_sigma=clip_sigma, maxiters=maxiters,
-            min_stars=min_stars,
-        )  # fmt: skip
-        kept_of = {
-            int(k): np.nonzero(keep & (index == k))[0] for k in np.nonzero(np.isfinite(zp))[0]
-        }
-        n_kept = np.bincount(index[keep], minlength=len(groups)).astype(np.int64)
-        scatter = np.array([
-            float(np.std(star_zp[kept_of[k]], ddof=1)) if k in kept_of else np.nan
-            for k in range(len(groups))
-        ])  # fmt: skip
-        star_var = None
-    else:
-        extra = float("nan")
-        star_var = _star_variance(m_inst_err, m_ref_err, star_zp, zp, kept_of)
+    star_var = _star_variance(m_inst_err, m_ref_err, star_zp, zp, kept_of)
     for k, kept in kept_of.items():
         colour_err = term.err * abs(float(np.mean(colour[kept])) - pivot) if term.fitted else 0.0
-        if estimator == "weighted":
-            err[k] = float(np.hypot(err[k], colour_err))
-            continue
         sigma2 = float(np.mean(star_var[kept])) if star_var is not None else scatter[k] ** 2
         median_err = np.sqrt(median_variance_factor(len(kept)) * sigma2 / len(kept))
         err[k] = float(np.hypot(median_err, colour_err))
     return ZeroPoints(
-        group=groups,
-        zp=zp,
-        zp_err=err,
-        n_stars=n_kept,
-        scatter=scatter,
-        colour_term=term,
-        extra_scatter=extra,
+        group=groups, zp=zp, zp_err=err, n_stars=n_kept, scatter=scatter, colour_term=term
     )
