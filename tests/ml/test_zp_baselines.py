@@ -51,7 +51,9 @@ def test_forest_check_fails_when_the_catalog_column_is_shuffled(split):
     def shuffled(fs):
         perm = rng.permutation(len(fs))
         return dataclasses.replace(
-            fs, catalog_zp_mag=fs.catalog_zp_mag[perm], catalog_zp_err_mag=fs.catalog_zp_err_mag[perm]
+            fs,
+            catalog_zp_mag=fs.catalog_zp_mag[perm],
+            catalog_zp_err_mag=fs.catalog_zp_err_mag[perm],
         )
 
     assert_fails(check_forest_uses_the_catalog, *(shuffled(fs) for fs in split))

