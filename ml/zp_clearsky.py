@@ -237,10 +237,13 @@ def fit_clear_sky_of(features: FeatureSet, *, prior: ClearSkyModel | None = None
 
 def fit_clear_sky_models(features: FeatureSet) -> ClearSkyModels:
     """The pooled clear-sky model of all of ``features`` and, starting from
-    it, one per domain (from the classical zero points: no targets)."""
+    it, one per domain (from the classical zero points: no targets). A domain
+    with fewer than 2 classical zero points keeps the pooled model."""
     pooled = fit_clear_sky_of(features)
+    answered = np.isfinite(features.catalog_zp_mag) & (features.catalog_zp_err_mag > 0)
     by_domain = {
         int(d): fit_clear_sky_of(features.select(features.domain == d), prior=pooled)
         for d in np.unique(features.domain)
+        if (answered & (features.domain == d)).sum() >= 2
     }
     return ClearSkyModels(by_domain, pooled)

@@ -68,6 +68,31 @@ def test_clear_sky_models_round_trip_and_fall_back_to_the_pooled_one(nights):
     )
 
 
+def test_a_domain_without_classical_zero_points_keeps_the_pooled_model(nights):
+    """One exposure of a third instrument with a classical zero point is not a
+    fit (it would raise): the instrument takes the pooled model; with two it
+    gets its own, whose band intercept follows its zero points (shifted by
+    30 mmag here, the rest shrunk to the pooled fit)."""
+    fs, cloud = nights
+    third = np.isin(fs.night, np.unique(fs.night)[:2])  # two nights of a third instrument
+    domain = np.where(third, 2, fs.domain)
+    lone = third & (np.cumsum(third) > 1)
+    one = replace(fs, domain=domain, catalog_zp_mag=np.where(lone, np.nan, fs.catalog_zp_mag))
+    models = fit_clear_sky_models(one)
+    assert 2 not in models.by_domain
+    rows = one.select(third)
+    np.testing.assert_array_equal(models.evaluate(rows), models.pooled.evaluate(rows.telemetry))
+    shifted = replace(fs, domain=domain, catalog_zp_mag=fs.catalog_zp_mag + 0.03 * third)
+    own = fit_clear_sky_models(shifted)
+    assert 2 in own.by_domain
+    clear = third & (cloud == 0)
+    gain = own.evaluate(shifted)[clear] - own.pooled.evaluate(fs.telemetry[clear])
+    # ~27 mmag expected: the pooled fit, which holds the third instrument's 2
+    # of 20 nights, takes ~3 of the 30; the bounds leave room for the shrunk
+    # telemetry terms, and a fit that ignored the shift (0) or doubled it fails.
+    assert 0.01 < float(np.median(gain)) < 0.035, np.median(gain)
+
+
 def test_context_only_looks_back_and_ignores_the_input_order(nights):
     fs, _ = nights
     clear = fit_clear_sky_models(fs).evaluate(fs)
