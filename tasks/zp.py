@@ -315,18 +315,22 @@ def train_zp(
         parts.append(simulated)
     if not parts:
         raise ValueError("train_zp: no stored nights and no simulated nights (sim_nights = 0)")
-    data = FeatureSet.concat(parts)
-    with_target = np.unique(data.night[np.isfinite(data.target_mag)])
+    every = FeatureSet.concat(parts)
+    with_target = np.unique(every.night[np.isfinite(every.target_mag)])
     if len(with_target) < 3:
         raise ValueError(
             f"train_zp: {len(with_target)} night(s) with targets; need >= 3 "
             "(run ubercal first, or add simulated nights with sim_nights)"
         )
-    data = data.select(np.isin(data.night, with_target))
+    data = every.select(np.isin(every.night, with_target))
     is_train, is_val, is_test = split_by_night(data.night, seed=config.seed)
-    # Clear-sky models from the classical zero points (no targets) of the
-    # training and validation nights; the context is made on whole nights.
-    clear_sky = fit_clear_sky_models(data.select(is_train | is_val))
+    # Clear-sky models from the classical zero points (no targets) of every
+    # night but the held-out ones: the survey's nights without an ubercal
+    # target too, so that its instrument (config.domain) gets its own fit
+    # rather than the simulated domains' pooled one. The context is made on
+    # whole nights.
+    held_out = np.isin(every.night, np.unique(data.night[is_test]))
+    clear_sky = fit_clear_sky_models(every.select(~held_out))
     data = attach_context(data, clear_sky)
     model_config = AZPRCConfig(
         patch_px=config.patch_px, cnn_channels=config.cnn_channels, gru_hidden=config.gru_hidden
