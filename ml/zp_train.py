@@ -270,7 +270,10 @@ def calibrate_uncertainty(model: AZPRC, val: FeatureSet) -> tuple[np.ndarray, np
     pred, sigma, _, regime = _predict_all(model, val)
     ok = np.isfinite(val.target_mag) & (sigma > 0)
     z = np.abs(pred - val.target_mag) / np.where(ok, sigma, 1.0)
-    pooled = _conformal(z[ok]) if ok.sum() >= 20 else (1.0, 1.0)
+    # However few the validation exposures, their conformal quantiles beat the
+    # head's uncalibrated sigma (found: 8 validation exposures left sigma as
+    # trained, 10-25x below the errors on the survey's nights).
+    pooled = _conformal(z[ok]) if ok.any() else (1.0, 1.0)
     scales = np.ones(len(ESTIMATES))
     tails = np.ones(len(ESTIMATES))
     for r in range(len(ESTIMATES)):
