@@ -103,10 +103,7 @@ def scene_model(epochs, rn):
             f = fit_scene(imgs, (0.0, 0.0), n_epochs=n, options=SceneFitOptions(galaxy=False))
             flux[k], err[k] = f.flux_njy, f.flux_err_stat_njy
     cat = epochs[0].star_flux_njy
-    scale = measure_flux_scale(flux, err, cat, 1e-3 * cat)
-    own = (scale.per_epoch_n >= 3) & (scale.per_epoch_err <= 0.005)
-    ratio = np.where(own, scale.per_epoch, scale.ratio)
-    ratio_err = np.where(own, scale.per_epoch_err, scale.ratio_err)
+    ratio, ratio_err, _ = measure_flux_scale(flux, err, cat, 1e-3 * cat).correction("auto")
     images = []
     for e, ep in enumerate(epochs):
         img = _stamp(ep, psfs[e], maps[e], 0.0, 0.0, e, rn)
@@ -166,9 +163,7 @@ def forced(epochs, rn):
         flux[e], err[e] = df.flux_e / ep.alpha, df.flux_err_e / ep.alpha
         star[:, e], star_err[:, e] = df.star_flux_e / ep.alpha, df.star_flux_err_e / ep.alpha
     cat = epochs[0].star_flux_njy
-    fs = measure_flux_scale(star, star_err, cat, 1e-3 * cat)
-    own = (fs.per_epoch_n >= 3) & (fs.per_epoch_err <= 0.005)
-    ratio = np.where(own, fs.per_epoch, fs.ratio)
+    ratio, _, _ = measure_flux_scale(star, star_err, cat, 1e-3 * cat).correction("auto")
     return flux / ratio, err / ratio
 
 
@@ -260,6 +255,7 @@ def run_pipeline(n_targets: int, nights: int, seed: int):
 
     from calib.ubercal import UbercalOptions
     from tasks.index import index_sequentially
+    from tasks.io import groups
     from tasks.io.store import read_group
     from tasks.lightcurves import run_lightcurves
     from tasks.masters import build_masters_sequentially
@@ -287,8 +283,8 @@ def run_pipeline(n_targets: int, nights: int, seed: int):
     for name in summary:
         sel = truth.name.values == name
         tmap = dict(zip(truth.expid.values[sel].tolist(), truth.flux_njy.values[sel], strict=True))
-        for group, key in (("lightcurves", "smp"), ("lightcurves_forced", "forced")):
-            lc = read_group(store, f"{group}/{name}")
+        for group, key in ((groups.lightcurve, "smp"), (groups.lightcurve_forced, "forced")):
+            lc = read_group(store, group(name))
             t = np.array([tmap[x] for x in lc.expid.values])
             if key == "smp":
                 n_epochs += len(t)

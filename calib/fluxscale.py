@@ -13,6 +13,7 @@ fluxes by it puts them on the catalog's scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -66,6 +67,47 @@ class FluxScale:
             "n_rejected": self.n_rejected,
             "per_epoch_chi2_dof": self.per_epoch_chi2_dof,
         }
+
+    def correction(
+        self,
+        mode: Literal["auto", "global", "per_epoch", "none"] = "auto",
+        *,
+        per_epoch_max_err: float = 0.005,
+        per_epoch_min_stars: int = 3,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What each epoch's fluxes (or scales) are divided by.
+
+        Parameters
+        ----------
+        mode : {'auto', 'global', 'per_epoch', 'none'}
+            ``auto``: an epoch's own ratio where at least ``per_epoch_min_stars``
+            stars fix it to ``per_epoch_max_err``, the overall ratio elsewhere;
+            ``per_epoch``: its own ratio wherever it has one; ``global``: the
+            overall ratio; ``none``: 1.
+        per_epoch_max_err : float
+        per_epoch_min_stars : int
+
+        Returns
+        -------
+        ratio, ratio_err : ndarray, shape (n_epochs,)
+        own : ndarray of bool, shape (n_epochs,)
+            Whether the epoch's own ratio is used (its error then stands for the
+            epoch's calibration error).
+        """
+        n = len(self.per_epoch)
+        if mode == "none":
+            return np.ones(n), np.zeros(n), np.zeros(n, dtype=bool)
+        own = np.isfinite(self.per_epoch) & (self.per_epoch_n >= 1)
+        if mode == "auto":
+            own &= (self.per_epoch_n >= per_epoch_min_stars) & (
+                self.per_epoch_err <= per_epoch_max_err
+            )
+        elif mode == "global":
+            own[:] = False
+        elif mode != "per_epoch":
+            raise ValueError(f"mode must be auto, global, per_epoch or none; got {mode!r}")
+        ratio = np.where(own, self.per_epoch, self.ratio)
+        return ratio, np.where(own, self.per_epoch_err, self.ratio_err), own
 
 
 def _wmean(x: np.ndarray, err: np.ndarray, axis: int | None = None):

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-from scipy import ndimage
 
+from calib._filters import dilate_square
 from calib.bits import (
     MASK_BAD_FLAT,
     MASK_BITS,
@@ -33,7 +34,8 @@ from calib.bits import (
     MASK_HOT,
     MASK_SATURATED,
 )
-from calib.overscan import OverscanMethod, subtract_overscan
+from calib.cosmics import detect_cosmic_rays
+from calib.overscan import OverscanMethod, overscan_level
 
 __all__ = [
     "MASK_BAD_FLAT",
@@ -47,8 +49,6 @@ __all__ = [
     "reduce_quadrant",
     "to_fluence",
 ]
-
-_LAPLACIAN = np.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], dtype=np.float32)
 
 
 # eq=False: comparing arrays field by field has no single truth value.
@@ -166,23 +166,24 @@ def reduce_quadrant(
     else:
         area = np.ones(shape)
 
-    electrons = (subtract_overscan(data_adu, overscan_adu, method=overscan_method) - bias_adu) * (
-        np.float32(gain)
+    level = overscan_level(overscan_adu, method=overscan_method)
+    if level.shape[0] != shape[0]:
+        raise ValueError(
+            f"data {shape} and overscan {np.shape(overscan_adu)} must be 2-D with the same rows"
+        )
+    sb, var_sb, mask, saturated = _reduce_pixels(
+        data_adu,
+        np.asarray(level[:, 0], dtype=np.float64),
+        np.asarray(bias_adu),
+        np.asarray(flat, dtype=np.float32),
+        np.zeros(shape, np.uint8) if defects is None else np.asarray(defects, dtype=np.uint8),
+        np.float32(gain),
+        np.float32(read_noise_e**2),
+        np.float32(min_flat),
+        # Compared as numpy compares the array with a Python float.
+        np.result_type(data_adu, saturate_adu).type(saturate_adu),
     )
-    variance_e = np.clip(electrons, 0.0, None) + np.float32(read_noise_e**2)
-
-    flat = np.asarray(flat, dtype=np.float32)
-    good_flat = np.isfinite(flat) & (flat >= min_flat)
-    safe_flat = np.where(good_flat, flat, np.float32(1.0))
-    sb = np.where(good_flat, electrons / safe_flat, 0.0).astype(np.float32)
-    var_sb = np.where(good_flat, variance_e / safe_flat**2, 0.0).astype(np.float32)
-
-    mask = np.zeros(shape, dtype=np.uint8)
-    if defects is not None:
-        mask |= np.asarray(defects, dtype=np.uint8) & MASK_DEFECTS
-    mask[~good_flat] |= MASK_BAD_FLAT
-    saturated = ndimage.binary_dilation(data_adu >= saturate_adu, np.ones((3, 3), bool))
-    mask[saturated] |= MASK_SATURATED
+    mask[dilate_square(saturated)] |= MASK_SATURATED
     if detect_cosmics:
         cosmic = detect_cosmic_rays(
             sb,
@@ -233,110 +234,34 @@ def to_fluence(
     return fluence, (variance * area * area).astype(np.float32)
 
 
-def detect_cosmic_rays(
-    image: np.ndarray,
-    variance: np.ndarray,
-    *,
-    mask: np.ndarray | None = None,
-    sigclip: float = 5.0,
-    sigfrac: float = 0.3,
-    objlim: float = 3.0,
-) -> np.ndarray:
-    """Cosmic-ray pixels by Laplacian edge detection (van Dokkum 2001, L.A.Cosmic).
-
-    A pixel is a cosmic ray when its Laplacian (computed as on the 2x
-    sub-sampled image, so adjacent hit pixels do not cancel), less the local
-    median of that Laplacian, exceeds ``sigclip`` times the local noise, and is
-    more than ``objlim`` times the image's fine structure (``med3 - med7(med3)``):
-    stars are smooth on the scale of the PSF and have a large fine structure,
-    cosmic rays have none. Neighbours above ``sigclip``, then their neighbours
-    above ``sigfrac * sigclip``, join the detections.
-
-    The median filters, the costly part of L.A.Cosmic, are evaluated only at the
-    candidate pixels (Laplacian significance above ``sigclip``), which makes the
-    detector linear in the image size with a small constant; one iteration.
-
-    Parameters
-    ----------
-    image : ndarray, shape (ny, nx), e-
-    variance : ndarray, shape (ny, nx), e-^2
-    mask : ndarray of bool, shape (ny, nx), optional
-        Pixels never flagged (saturated, defects, unusable).
-    sigclip, sigfrac, objlim : float
-        Thresholds, as in L.A.Cosmic.
-
-    Returns
-    -------
-    ndarray of bool, shape (ny, nx)
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
-    if np.shape(variance) != image.shape:
-        raise ValueError(f"variance has shape {np.shape(variance)}, expected {image.shape}")
-    if mask is not None and np.shape(mask) != image.shape:
-        raise ValueError(f"mask has shape {np.shape(mask)}, expected {image.shape}")
-    excluded = np.zeros(image.shape, bool) if mask is None else np.asarray(mask, bool)
-    # The 5x5 mean keeps a hit's own (huge) variance from hiding it.
-    noise = np.sqrt(ndimage.uniform_filter(np.asarray(variance, np.float32), 5, mode="nearest"))
-    noise = np.maximum(noise, np.float32(1e-3))
-    significance = _laplacian_plus(image) / (2.0 * noise)
-    found = np.zeros(image.shape, bool)
-    iy, ix = np.nonzero((significance > sigclip) & ~excluded)
-    if len(iy) == 0:
-        return found
-    s_prime = significance[iy, ix] - _window_median(significance, iy, ix, 2)
-    fine = (_med3(image, iy, ix) - _med7_of_med3(image, iy, ix)) / noise[iy, ix]
-    fine = np.maximum(fine, 0.01)
-    hit = (s_prime > sigclip) & (s_prime / fine > objlim)
-    found[iy[hit], ix[hit]] = True
-    for threshold in (sigclip, sigfrac * sigclip):
-        ny_, nx_ = np.nonzero(ndimage.binary_dilation(found, np.ones((3, 3), bool)) & ~found)
-        if len(ny_) == 0:
-            break
-        sp = significance[ny_, nx_] - _window_median(significance, ny_, nx_, 2)
-        grow = (sp > threshold) & ~excluded[ny_, nx_]
-        found[ny_[grow], nx_[grow]] = True
-    return found
-
-
-def _laplacian_plus(image: np.ndarray) -> np.ndarray:
-    """Positive part of the Laplacian of the 2x sub-sampled image, block-averaged
-    back: each sub-pixel sees its value twice minus one neighbour in x and one in y."""
-    p = np.pad(image, 1, mode="edge")
-    c = p[1:-1, 1:-1]
-    left, right = p[1:-1, :-2], p[1:-1, 2:]
-    down, up = p[:-2, 1:-1], p[2:, 1:-1]
-    out = np.zeros_like(c)
-    for a in (left, right):
-        for b in (down, up):
-            out += np.clip(2.0 * c - a - b, 0.0, None)
-    return out / 4.0
-
-
-def _gather(image: np.ndarray, iy: np.ndarray, ix: np.ndarray, half: int) -> np.ndarray:
-    """Windows (n, 2 half + 1, 2 half + 1) around pixels, edges repeated."""
-    offs = np.arange(-half, half + 1)
-    ny, nx = image.shape
-    yy = np.clip(iy[:, None, None] + offs[None, :, None], 0, ny - 1)
-    xx = np.clip(ix[:, None, None] + offs[None, None, :], 0, nx - 1)
-    return image[yy, xx]
-
-
-def _window_median(image: np.ndarray, iy: np.ndarray, ix: np.ndarray, half: int) -> np.ndarray:
-    w = _gather(image, iy, ix, half)
-    return np.median(w.reshape(len(iy), -1), axis=1)
-
-
-def _med3(image: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
-    return _window_median(image, iy, ix, 1)
-
-
-def _med7_of_med3(image: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
-    w = _gather(image, iy, ix, 4)  # (n, 9, 9): the 3x3 medians of the central 7x7
-    n = len(iy)
-    med3 = np.empty((n, 7, 7), dtype=w.dtype)
-    for dy in range(7):
-        for dx in range(7):
-            med3[:, dy, dx] = np.median(w[:, dy : dy + 3, dx : dx + 3].reshape(n, 9), axis=1)
-    return np.median(med3.reshape(n, 49), axis=1)
+@numba.njit(cache=True, nogil=True)
+def _reduce_pixels(
+    data, level, bias, flat, defects, gain, rn2, min_flat, saturate
+):  # pragma: no cover - compiled
+    """Overscan, bias, gain and flat per pixel, with the defect and flat mask bits
+    and the saturated pixels (before growing), in one pass: numpy's element-wise
+    formulation (``(data - overscan)`` rounded to float32, ``(. - bias) * gain``,
+    variance ``max(e, 0) + RN^2``, both over the flat where it is usable, else 0),
+    the same operations and types per pixel, without its full-size temporaries."""
+    ny, nx = data.shape
+    sb = np.empty((ny, nx), np.float32)
+    var = np.empty((ny, nx), np.float32)
+    mask = np.empty((ny, nx), np.uint8)
+    saturated = np.empty((ny, nx), np.bool_)
+    for y in range(ny):
+        for x in range(nx):
+            electrons = (np.float32(np.float64(data[y, x]) - level[y]) - bias[y, x]) * gain
+            # max(e, 0) + RN^2 in the type of e (numpy's clip keeps a NaN).
+            variance = (electrons + rn2) if (electrons > 0 or electrons != electrons) else rn2
+            f = flat[y, x]
+            bits = defects[y, x] & MASK_DEFECTS
+            if np.isfinite(f) and f >= min_flat:
+                sb[y, x] = electrons / f
+                var[y, x] = variance / (f * f)
+            else:
+                sb[y, x] = 0.0
+                var[y, x] = 0.0
+                bits |= MASK_BAD_FLAT
+            mask[y, x] = bits
+            saturated[y, x] = data[y, x] >= saturate
+    return sb, var, mask, saturated

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from flows.console import ProgressBars, quiet_console
 from sim.config import INSTRUMENTS, PRESETS
+from tasks.io import groups
 
 if TYPE_CHECKING:
     from tasks.config import PhotocalConfig
@@ -207,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="static HTML QA report of a store: index.html and a page per night",
     )
     p.add_argument("store", help="Zarr store path or fsspec URL")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (created), or an object-store prefix such as s3://bucket/report",
+    )
     _add_nights(p, "night to report, by its evening date (repeatable; default: every night)")
 
     p = sub.add_parser(
@@ -292,12 +297,16 @@ def run_pipeline(
     from flows.pipeline import photocal_run
     from flows.runners import make_task_runner
     from tasks.config import load_config
+    from tasks.io.objstore import use_store_config
     from tasks.progress import listening
 
     flags: dict[str, dict] = {"reduce": {"keep_reduced": True}} if keep_reduced else {}
     if site_longitude is not None:
         flags["index"] = {"site_longitude_deg": site_longitude}
     resolved = load_config(config, overrides=flags)
+    # [store] stays out of the flow's parameters (it may name credentials): it
+    # reaches this process and the workers it starts through the environment.
+    use_store_config(resolved["store"])
     runner = make_task_runner(
         dask_address=dask_address,
         workers=workers,
@@ -322,7 +331,7 @@ def print_summary(summary: dict) -> None:
     print(f"store: {summary['store']}")
     for night, counts in summary["nights"].items():
         parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        print(f"  index/{night}: {parts}")
+        print(f"  {groups.index(night)}: {parts}")
     if summary["rejected"]:
         print(f"rejected files ({len(summary['rejected'])}):")
         for path, reason in summary["rejected"]:
@@ -334,12 +343,12 @@ def print_summary(summary: dict) -> None:
     print_missing(summary.get("missing", []))
     for band, result in summary.get("ubercal", {}).items():
         stats = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        print(f"  ubercal/{band}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        print(f"  {groups.ubercal(band)}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         if "model" in result:
-            print(f"  ubercal/{band} model: {result['model']}")
+            print(f"  {groups.ubercal(band)} model: {result['model']}")
     for night, counts in summary.get("photometry", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
-        print(f"  nights/{night}/catalog: {parts}")
+        print(f"  {groups.catalog(night)}: {parts}")
     for name, lc in (summary.get("lightcurves") or {}).items():
         fit = ", ".join(
             f"{b} chi2/dof {r['chi2_dof']:.2f}"
@@ -347,7 +356,10 @@ def print_summary(summary: dict) -> None:
             else f"{b} {r['error']}"
             for b, r in lc["bands"].items()
         )
-        print(f"  lightcurves/{name}: {lc['measured']} of {lc['epochs']} epochs measured ({fit})")
+        print(
+            f"  {groups.lightcurve(name)}: {lc['measured']} of {lc['epochs']} epochs measured "
+            f"({fit})"
+        )
     zp = summary.get("zp") or {}
     if "train" in zp:
         m = zp["train"]["metrics"]
@@ -362,7 +374,7 @@ def print_summary(summary: dict) -> None:
             f"{ours['coverage68']:.0%}/{ours['coverage95']:.0%}"
         )
     for night, s in (zp.get("score") or {}).items():
-        print(f"  ml/scores/{night}: {s['exposures']} exposures")
+        print(f"  {groups.scores(night)}: {s['exposures']} exposures")
 
 
 def print_missing(missing: list[dict], file=None) -> None:
@@ -442,6 +454,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("photocal run: requested work could not be done:", file=sys.stderr)
         print_missing(err.missing, file=sys.stderr)
         return 1
+    except ConfigError as err:
+        print(f"photocal run: {err}", file=sys.stderr)
+        return 2
     except StoreError as err:
         print(f"photocal run: {err}", file=sys.stderr)
         return 1
@@ -526,7 +541,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for band in summary.get("ubercal", {}):
         sc = score_ubercal(store, res.truth, band)
         print(
-            f"  ubercal/{band} zero points vs the simulator's truth ({sc['n']}): "
+            f"  {groups.ubercal(band)} zero points vs the simulator's truth ({sc['n']}): "
             f"offset {sc['offset_mmag']:+.1f} mmag, rms about it {sc['rms_centred_mmag']:.1f} "
             f"mmag, own errors {sc['err_median_mmag']:.1f} mmag (median), "
             f"pull rms {sc['pull_rms']:.2f}"
@@ -627,6 +642,7 @@ def _add_ingest_parser(sub) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tasks.config import ConfigError, load_config
     from tasks.ingest import IngestError, ingest_summary_lines, ingest_table, parse_assignments
+    from tasks.io.objstore import use_store_config
     from tasks.io.raw import RawFileError
 
     try:
@@ -636,6 +652,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             else {"index": {"site_longitude_deg": args.site_longitude}}
         )
         config = load_config(args.config, overrides=overrides)
+        use_store_config(config["store"])
         result = ingest_table(
             args.table,
             args.store,

@@ -22,13 +22,13 @@ from pydantic import Field
 
 from flows.backfill_progress import BackfillProgress, progress_key
 from flows.forms import EVENING, NightRange, date_field
-from flows.pipeline import NIGHTLY_STAGES, STAGES, StageName, photocal_run
+from flows.pipeline import NIGHTLY_STAGES, STAGES, photocal_run
 from flows.reporting import publish_reports, touched_nights
 from flows.runners import make_task_runner
 from flows.settings import PhotocalSettings
 from tasks.config import load_config
 from tasks.devices import gpu_workers_task, on_gpu_if_any, probe_device_task
-from tasks.index import UNKNOWN_NIGHT
+from tasks.io import groups
 from tasks.masters import period_label
 from tasks.progress import listening
 from tasks.report.data import report_nights
@@ -48,11 +48,19 @@ CONFIG_HELP = (
     "template` writes a commented file). Empty: PHOTOCAL_CONFIG, else the defaults."
 )
 
+BackfillStage = Literal[
+    "index", "masters", "reduce", "photometry", "ubercal", "train", "score", "transients"
+]  # fmt: skip
+"""What a backfill runs: every stage but ``lightcurves``, which needs a targets table
+(its own deployment, where the table is a required field: a backfill form could not
+refuse "lightcurves without targets" at submission, a rule between two parameters)."""
+
 STAGES_HELP = (
     "Stages to run; they always run in pipeline order (index, masters, reduce, photometry, "
     "ubercal, train, score, transients). index validates the raw tree once for the whole "
     "range; masters, reduce and photometry go one calibration period at a time; ubercal, "
-    "train, score and transients run once over the range."
+    "train, score and transients run once over the range. Light curves: the lightcurves "
+    "deployment."
 )
 
 
@@ -89,7 +97,7 @@ def _publish(settings: PhotocalSettings, nights: list[str], summary: dict[str, A
     logger = get_run_logger()
     if summary.get("skipped"):
         logger.info("kept, already complete: %s", ", ".join(summary["skipped"]))
-    missing = sorted(set(nights) - have - {UNKNOWN_NIGHT})
+    missing = sorted(set(nights) - have - {groups.UNKNOWN_NIGHT})
     if missing:
         logger.warning(
             "no raw files or groups for %d night(s): %s", len(missing), ", ".join(missing)
@@ -151,7 +159,7 @@ def backfill(
         description="Nights to re-process, first and last included, by their evening dates "
         "(end not before start; at most 3660 nights)."
     ),
-    stages: Annotated[list[StageName], Field(min_length=1)] = Field(
+    stages: Annotated[list[BackfillStage], Field(min_length=1)] = Field(
         list(NIGHTLY_STAGES), description=STAGES_HELP
     ),
     overwrite: bool = Field(
@@ -262,6 +270,37 @@ def masters(
         overwrite=overwrite,
         strict_nights=False,
     )
+
+
+@flow(name="lightcurves", log_prints=True, persist_result=True)
+def lightcurves(
+    targets: Annotated[str, Field(min_length=1)] = Field(
+        description="Targets table, a path on the worker (ECSV, CSV or FITS: name, ra, dec "
+        "[deg], optional no_flux_before / no_flux_after [MJD]): one light curve per row, "
+        "written to lightcurves/<name> (and lightcurves_forced/<name>)."
+    ),
+    nights: NightRange | None = Field(
+        None,
+        description="Nights whose exposures are the epochs, first and last included, by "
+        "their evening dates. Empty: every night with kept reduced images (photometry with "
+        "[reduce] keep_reduced = true).",
+    ),
+    config: ConfigParameter = Field(None, description=CONFIG_HELP),
+) -> dict[str, Any]:
+    """Scene-modelling light curves of the targets on the ubercal system, beside
+    forced photometry on difference images (docs/lightcurves.md); the run carries
+    their report (the ``lightcurves`` artifact) and the HTML index lists them."""
+    settings = PhotocalSettings()
+    summary = _run(
+        settings,
+        config,
+        nights=None if nights is None else nights.nights(),
+        stages=["lightcurves"],
+        targets=targets,
+        strict_nights=False,
+    )
+    _publish(settings, [], summary)
+    return summary["lightcurves"]
 
 
 CHECKPOINT_HELP = (

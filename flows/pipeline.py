@@ -135,6 +135,7 @@ def photocal_run(
         validated = validate_files_task.map(unmapped(raw), chunks, unmapped(index))
         track(validated, "index", f"{len(files)} raw files", "chunks")
         by_night = group_by_night_task(validated, nights)
+        summary["missing"] += missing_raw_nights(nights, by_night, raw)
         if not overwrite:
             done = [n for n in by_night if has_master(store, groups.index(n))]
             summary["skipped"] += [groups.index(n) for n in done]
@@ -144,7 +145,6 @@ def photocal_run(
         )
         for night, counts in zip(by_night, written.result(), strict=True):
             summary["nights"][night] = counts
-        summary["missing"] += missing_raw_nights(nights, by_night, raw)
         summary["rejected"] = [
             (r["path"], r["reason"])
             for rows in by_night.values()
@@ -288,4 +288,5 @@ def _lightcurves_stage(
     (``lightcurves/<name>``, ``lightcurves_forced/<name>``)."""
     planned = plan_lightcurves_task(store, targets, nights)
     done = lightcurve_task.map(unmapped(store), planned, unmapped(config))
+    track(done, "lightcurves", f"{len(planned)} targets", "targets")
     return {t.name: r for (t, _), r in zip(planned, done.result(), strict=True)}

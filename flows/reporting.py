@@ -8,9 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tasks.index import UNKNOWN_NIGHT
 from tasks.io import groups
-from tasks.reports import html_report_task, night_report_task, report_url
+from tasks.reports import (
+    html_report_task,
+    lightcurves_report_task,
+    night_report_task,
+    report_url,
+)
 
 
 def touched_nights(summary: dict[str, Any]) -> list[str]:
@@ -31,19 +35,22 @@ def publish_reports(
     report_dir: str | None = None,
     base_url: str | None = None,
 ) -> dict[str, str]:
-    """Artifacts for each night (and, with ``report_dir``, its HTML page and
-    the index, linked from the artifacts); night -> markdown artifact key."""
+    """Artifacts for each night and for the light curves the run measured
+    (and, with ``report_dir``, the nights' HTML pages and the index, linked from
+    the artifacts); night -> markdown artifact key."""
     nights = list(nights)
     if report_dir is not None:
-        pages = [n for n in nights if n != UNKNOWN_NIGHT]
+        pages = [n for n in nights if n != groups.UNKNOWN_NIGHT]
         html_report_task(store, report_dir, pages)
+    if summary.get("lightcurves"):
+        lightcurves_report_task(store, list(summary["lightcurves"]))
     return {
         night: night_report_task(
             store,
             night,
             summary,
             report_url(report_dir, night, base_url)
-            if report_dir is not None and night != UNKNOWN_NIGHT
+            if report_dir is not None and night != groups.UNKNOWN_NIGHT
             else None,
         )
         for night in nights

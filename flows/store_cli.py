@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from pathlib import Path
 
 
 def _time(text: str) -> dt.datetime:
@@ -20,16 +21,26 @@ def _time(text: str) -> dt.datetime:
 def add_store_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("store", help="list, copy, roll back and clean a store (any URL)")
     cmds = p.add_subparsers(dest="store_command", required=True)
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config",
+        type=Path,
+        help="TOML configuration whose [store] table says how to reach object stores "
+        "(endpoint_url, region, key_env, secret_env, storage_options)",
+    )
 
-    q = cmds.add_parser("ls", help="groups with their state (complete or not) and version")
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return cmds.add_parser(name, help=text, parents=[config])
+
+    q = add("ls", "groups with their state (complete or not) and version")
     q.add_argument("store", help="store path or URL (s3://bucket/prefix)")
     q.add_argument("prefix", nargs="?", default="", help="only groups under this one")
 
-    q = cmds.add_parser("log", help="the versions of one group (object stores)")
+    q = add("log", "the versions of one group (object stores)")
     q.add_argument("store")
     q.add_argument("group")
 
-    q = cmds.add_parser("copy", help="copy complete groups between two store URLs")
+    q = add("copy", "copy complete groups between two store URLs")
     q.add_argument("src")
     q.add_argument("dst")
     q.add_argument(
@@ -39,9 +50,7 @@ def add_store_parser(sub: argparse._SubParsersAction) -> None:
         help="a group to copy (repeatable; default: every complete group)",
     )
 
-    q = cmds.add_parser(
-        "gc", help="remove staging left by killed writers (old enough and not locked)"
-    )
+    q = add("gc", "remove staging left by killed writers (old enough and not locked)")
     q.add_argument("store")
     q.add_argument(
         "--min-age",
@@ -50,9 +59,7 @@ def add_store_parser(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
 
-    q = cmds.add_parser(
-        "rollback", help="make earlier versions current again, e.g. undo a backfill (object stores)"
-    )
+    q = add("rollback", "make earlier versions current again, e.g. undo a backfill (object stores)")
     q.add_argument("store")
     q.add_argument(
         "--as-of",
@@ -64,10 +71,16 @@ def add_store_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError
+
+    from tasks.config import ConfigError, load_config
     from tasks.io import store_tools as tools
+    from tasks.io.objstore import use_store_config
     from tasks.io.store import StoreError, group_history
 
     try:
+        if args.config is not None:
+            use_store_config(load_config(args.config)["store"])
         if args.store_command == "ls":
             groups = tools.list_store(args.store, args.prefix)
             for g in groups:
@@ -96,7 +109,17 @@ def cmd_store(args: argparse.Namespace) -> int:
             for line in lines:
                 print(line)
             print(f"{len(lines)} group(s) rolled back to {args.as_of.isoformat()}")
+    except ConfigError as err:
+        print(f"photocal store {args.store_command}: {err}", file=sys.stderr)
+        return 2
     except (StoreError, ValueError) as err:
         print(f"photocal store {args.store_command}: {err}", file=sys.stderr)
+        return 1
+    except (BotoCoreError, OSError) as err:  # an object store not reachable
+        print(
+            f"photocal store {args.store_command}: cannot reach the store: {err} (endpoint and "
+            "credentials: the AWS_* variables, or the [store] table of --config)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -48,7 +48,14 @@ from sim.schedule import (
     telemetry_zp_loss_mag,
 )
 
-__all__ = ["CatalogSurvey", "CatalogSurveyConfig", "simulate_catalog_survey"]
+__all__ = [
+    "TRUTH_COLUMNS",
+    "CatalogSurvey",
+    "CatalogSurveyConfig",
+    "CatalogSurveyPlan",
+    "plan_catalog_survey",
+    "simulate_catalog_survey",
+]
 
 _MAG_PER_LN = 2.5 / math.log(10.0)
 
@@ -202,9 +209,7 @@ class CatalogSurvey:
 
     def reference_stars(self) -> ReferenceStars:
         """The reference catalog in the survey's band, as ubercal takes it."""
-        st = self.stars
-        mag = np.where(st["in_refcat"], st["ref_mag"], np.nan)
-        return ReferenceStars(st["source_id"], mag, st["ref_magerr"], st["bp_rp"])
+        return _reference_stars(self.stars)
 
     def night_slices(self) -> dict[str, np.ndarray]:
         """Observation rows of each night, for writing one catalog per night."""
@@ -316,19 +321,60 @@ def _schedule(cfg: CatalogSurveyConfig, field_step: tuple[float, float], fp_size
     return out
 
 
-def simulate_catalog_survey(config: CatalogSurveyConfig | None = None) -> CatalogSurvey:
-    """Simulate the night catalogs of a tiled, dithered survey, with truth.
+def _reference_stars(st: dict[str, np.ndarray]) -> ReferenceStars:
+    mag = np.where(st["in_refcat"], st["ref_mag"], np.nan)
+    return ReferenceStars(st["source_id"], mag, st["ref_magerr"], st["bp_rp"])
+
+
+@dataclass(frozen=True)
+class CatalogSurveyPlan:
+    """A survey without its observations: pointings, stars and truth, from which
+    each exposure's catalog is drawn on demand (:meth:`exposure_catalog`, the
+    same arrays whenever and in whatever order it is asked), so that a survey of
+    any size can be generated one piece at a time.
+
+    Attributes
+    ----------
+    config : CatalogSurveyConfig
+    exposures, stars, zp_true, starflat_true, quadrants
+        As in :class:`CatalogSurvey`.
+    """
+
+    config: CatalogSurveyConfig
+    exposures: dict[str, np.ndarray]
+    stars: dict[str, np.ndarray]
+    zp_true: np.ndarray
+    starflat_true: np.ndarray
+    quadrants: np.ndarray
+    camera: Camera
+    instrument: Instrument
+    sky_stars: dict[str, np.ndarray]  # sorted along the sky x axis
+    schedule: dict[str, np.ndarray]  # per exposure row: pointing, clouds, gradients
+    quadrant_offset: np.ndarray  # (n_quadrant_ids,) mag
+
+    @property
+    def n_exposures(self) -> int:
+        return len(self.exposures["expid"])
+
+    def reference_stars(self) -> ReferenceStars:
+        """The reference catalog in the survey's band, as ubercal takes it."""
+        return _reference_stars(self.stars)
+
+    def exposure_catalog(self, e: int) -> dict[str, np.ndarray]:
+        """The catalog of exposure row ``e``: the observation columns of
+        :attr:`CatalogSurvey.observations` and the per-observation truth columns
+        (``mag_true``, ``zp_true``, ``dzp_true``, ``is_variable``,
+        ``is_cosmic``), sorted by (quadrant, source_id)."""
+        return _observe(self, e)
+
+
+def plan_catalog_survey(config: CatalogSurveyConfig | None = None) -> CatalogSurveyPlan:
+    """Lay out a survey (stars, pointings, truth) without drawing its catalogs.
 
     Parameters
     ----------
     config : CatalogSurveyConfig, optional
         The survey; defaults to :class:`CatalogSurveyConfig()`.
-
-    Returns
-    -------
-    CatalogSurvey
-        Observations sorted by (expid, quadrant), exposures, stars and truth;
-        the same config gives the same arrays.
     """
     cfg = config or CatalogSurveyConfig()
     camera, instrument = _camera(cfg)
@@ -343,20 +389,19 @@ def simulate_catalog_survey(config: CatalogSurveyConfig | None = None) -> Catalo
     exps = _schedule(cfg, step, fp)
     qids = camera.quadrant_ids
     n_qid = int(qids.max()) + 1
+    qoff = rng_for(cfg.seed, "catalogsim-qoffset").normal(
+        0.0, cfg.quadrant_offset_rms_mag, size=n_qid
+    )
     zp_true = np.full((len(exps["expid"]), n_qid), np.nan)
-    chunks = [
-        _observe(cfg, camera, instrument, stars, exps, e, zp_true, scale_deg)
-        for e in range(len(exps["expid"]))
-    ]
-    obs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    rng = rng_for(cfg.seed, "catalogsim-cosmics")
-    is_cosmic = rng.uniform(size=len(obs["expid"])) < cfg.cosmic_fraction
-    extra_e = rng.uniform(500.0, 20_000.0, size=int(is_cosmic.sum()))
-    flux = obs["flux"]
-    flux[is_cosmic] += extra_e
-    obs["mag_inst"][is_cosmic] = -2.5 * np.log10(flux[is_cosmic] / cfg.exptime_s)
-    truth = {k: obs.pop(k) for k in ("mag_true", "zp_true", "dzp_true", "is_variable")}
-    truth["is_cosmic"] = is_cosmic
+    zp0 = _exposure_zp(cfg, instrument, exps)
+    for g in camera.quadrants:
+        cu = g.x0 + (g.nx - 1) / 2 - camera.axis_x
+        cv = g.y0 + (g.ny - 1) / 2 - camera.axis_y
+        zp_true[:, g.quadrant] = (
+            zp0
+            + qoff[g.quadrant]
+            - (exps["grad_x"] * cu + exps["grad_y"] * cv) / camera.corner_radius_px
+        )
     ncy, ncx = cfg.cells
     starflat_true = np.full((n_qid, ncy, ncx), np.nan)
     for q in qids:
@@ -384,21 +429,71 @@ def simulate_catalog_survey(config: CatalogSurveyConfig | None = None) -> Catalo
         "var_amp_mag": stars["var_amp_mag"],
     }
     order = np.argsort(star_out["source_id"])
-    star_out = {k: v[order] for k, v in star_out.items()}
-    return CatalogSurvey(
+    return CatalogSurveyPlan(
         config=cfg,
-        observations=obs,
         exposures=exposures,
-        stars=star_out,
+        stars={k: v[order] for k, v in star_out.items()},
         zp_true=zp_true,
         starflat_true=starflat_true,
-        truth=truth,
         quadrants=qids,
+        camera=camera,
+        instrument=instrument,
+        sky_stars=stars,
+        schedule=exps,
+        quadrant_offset=qoff,
     )
 
 
-def _observe(cfg, camera, instrument, stars, exps, e, zp_true, scale_deg) -> dict:
-    """The catalog of exposure row ``e``; fills ``zp_true[e]``."""
+# Per-observation truth columns of an exposure catalog (kept out of the observations).
+TRUTH_COLUMNS = ("mag_true", "zp_true", "dzp_true", "is_variable", "is_cosmic")
+
+
+def simulate_catalog_survey(config: CatalogSurveyConfig | None = None) -> CatalogSurvey:
+    """Simulate the night catalogs of a tiled, dithered survey, with truth.
+
+    Parameters
+    ----------
+    config : CatalogSurveyConfig, optional
+        The survey; defaults to :class:`CatalogSurveyConfig()`.
+
+    Returns
+    -------
+    CatalogSurvey
+        Observations sorted by (expid, quadrant), exposures, stars and truth;
+        the same config gives the same arrays (those of
+        :meth:`CatalogSurveyPlan.exposure_catalog`, exposure after exposure).
+    """
+    plan = plan_catalog_survey(config)
+    chunks = [plan.exposure_catalog(e) for e in range(plan.n_exposures)]
+    obs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    truth = {k: obs.pop(k) for k in TRUTH_COLUMNS}
+    return CatalogSurvey(
+        config=plan.config,
+        observations=obs,
+        exposures=plan.exposures,
+        stars=plan.stars,
+        zp_true=plan.zp_true,
+        starflat_true=plan.starflat_true,
+        truth=truth,
+        quadrants=plan.quadrants,
+    )
+
+
+def _exposure_zp(cfg: CatalogSurveyConfig, instrument: Instrument, exps: dict) -> np.ndarray:
+    """Zero point of each exposure before quadrant offsets and gradients, mag."""
+    return (
+        instrument.inst.zp_e_per_s[cfg.band]
+        - EXTINCTION_PER_AIRMASS[cfg.band] * exps["airmass"]
+        - exps["cloud_mag"]
+        - exps["telemetry_mag"]
+    )
+
+
+def _observe(plan: CatalogSurveyPlan, e: int) -> dict[str, np.ndarray]:
+    """The catalog of exposure row ``e`` (:meth:`CatalogSurveyPlan.exposure_catalog`)."""
+    cfg, camera, instrument = plan.config, plan.camera, plan.instrument
+    stars, exps = plan.sky_stars, plan.schedule
+    scale_deg = cfg.pixel_scale_arcsec / 3600.0
     rng = rng_for(cfg.seed, "catalogsim-exposure", e)
     px, py = exps["px"][e], exps["py"][e]
     half = (camera.mosaic_nx / 2 * scale_deg, camera.mosaic_ny / 2 * scale_deg)
@@ -417,21 +512,9 @@ def _observe(cfg, camera, instrument, stars, exps, e, zp_true, scale_deg) -> dic
     u, v = mx - camera.axis_x, my - camera.axis_y
     R = camera.corner_radius_px
 
-    zp0 = (
-        instrument.inst.zp_e_per_s[cfg.band]
-        - EXTINCTION_PER_AIRMASS[cfg.band] * exps["airmass"][e]
-        - exps["cloud_mag"][e]
-        - exps["telemetry_mag"][e]
-    )
+    zp0 = _exposure_zp(cfg, instrument, {k: exps[k][e] for k in exps})
     gx, gy = exps["grad_x"][e], exps["grad_y"][e]
-    qoff = rng_for(cfg.seed, "catalogsim-qoffset").normal(
-        0.0, cfg.quadrant_offset_rms_mag, size=n_qid
-    )
-    for g in camera.quadrants:
-        cu = g.x0 + (g.nx - 1) / 2 - camera.axis_x
-        cv = g.y0 + (g.ny - 1) / 2 - camera.axis_y
-        zp_true[e, g.quadrant] = zp0 + qoff[g.quadrant] - (gx * cu + gy * cv) / R
-    zp_star = zp0 + qoff[quad] - (gx * u + gy * v) / R
+    zp_star = zp0 + plan.quadrant_offset[quad] - (gx * u + gy * v) / R
     dzp = np.empty(len(idx))
     for q in np.unique(quad):
         sel = quad == q
@@ -473,7 +556,14 @@ def _observe(cfg, camera, instrument, stars, exps, e, zp_true, scale_deg) -> dic
         "dzp_true": dzp[det],
         "is_variable": stars["var_amp_mag"][idx][det] > 0,
     }
-    return {k: v[order] for k, v in cols.items()}
+    cols = {k: v[order] for k, v in cols.items()}
+    # Cosmic-ray hits, drawn per exposure so that any exposure can be drawn alone.
+    crng = rng_for(cfg.seed, "catalogsim-cosmics", e)
+    hit = crng.uniform(size=len(order)) < cfg.cosmic_fraction
+    cols["flux"][hit] += crng.uniform(500.0, 20_000.0, size=int(hit.sum()))
+    cols["mag_inst"][hit] = -2.5 * np.log10(cols["flux"][hit] / cfg.exptime_s)
+    cols["is_cosmic"] = hit
+    return cols
 
 
 def _cell_means(camera, instrument, band: str, quadrant: int, cells: tuple[int, int]) -> np.ndarray:

@@ -69,14 +69,63 @@ class StageConfig(BaseModel):
 
 
 class StoreConfig(StageConfig, table="store"):
-    """Storage options of the Zarr store (object stores). Never written into the
-    store's attrs; ``photocal config show`` masks secret-looking values."""
+    """How to reach the Zarr store when it is on object storage (``s3://...``).
+    Never written into the store's attrs nor into flow-run parameters;
+    ``photocal config show`` masks secret-looking values. Left empty, S3 is
+    reached the standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
 
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint, e.g. https://s3.example.org (MinIO, Ceph); "
+        "default: AWS_ENDPOINT_URL or AWS itself",
+    )
+    region: str | None = Field(
+        default=None, description="S3 region; default: AWS_DEFAULT_REGION or the profile's"
+    )
+    key_env: str | None = Field(
+        default=None,
+        description="name of the environment variable that holds the access key id "
+        "(the key itself stays out of the file); default: AWS_ACCESS_KEY_ID",
+    )
+    secret_env: str | None = Field(
+        default=None,
+        description="name of the environment variable that holds the secret access key; "
+        "default: AWS_SECRET_ACCESS_KEY",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options for an object-store URL, e.g. endpoint_url, "
-        "anon, key, secret (prefer the environment or a credentials file for secrets).",
+        description="further fsspec (s3fs) storage options, e.g. anon, profile, "
+        "client_kwargs; the keys above win over the same ones here",
     )
+
+    def fsspec_options(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The s3fs storage options: ``storage_options`` with the endpoint, the
+        region and the credentials read from the named environment variables
+        (of this process: each Dask worker reads its own).
+
+        Raises
+        ------
+        ConfigError
+            When a named environment variable is not set.
+        """
+        env = os.environ if environ is None else environ
+        out = dict(self.storage_options)
+        if self.endpoint_url:
+            out["endpoint_url"] = self.endpoint_url
+        if self.region:
+            out["client_kwargs"] = {**out.get("client_kwargs", {}), "region_name": self.region}
+        missing = []
+        for field, option in (("key_env", "key"), ("secret_env", "secret")):
+            name = getattr(self, field)
+            if name is None:
+                continue
+            if not env.get(name):
+                missing.append(f"[store] {field} = {name!r}: that environment variable is not set")
+            else:
+                out[option] = env[name]
+        if missing:
+            raise ConfigError("[store]", missing)
+        return out
 
 
 class ConfigError(ValueError):

@@ -17,12 +17,12 @@ from pydantic import Field
 
 from tasks.config import StageConfig
 from tasks.io import groups
+from tasks.io.groups import UNKNOWN_NIGHT
 from tasks.io.night import PALOMAR_LONGITUDE_DEG, observing_night
 from tasks.io.provenance import provenance
 from tasks.io.raw import RawFileError, validate_file
 from tasks.io.store import list_groups, write_group
 
-UNKNOWN_NIGHT = "unknown-night"
 _SKIPPED_SUFFIXES = (".part", ".tmp", ".lock")
 
 

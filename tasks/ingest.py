@@ -31,8 +31,8 @@ from pydantic import Field
 
 from calib.photometry import instrumental_magnitudes
 from tasks.config import StageConfig
-from tasks.inputs import UNKNOWN_NIGHT
 from tasks.io import groups
+from tasks.io.groups import UNKNOWN_NIGHT
 from tasks.io.night import observing_night
 from tasks.io.provenance import provenance
 from tasks.io.raw import RefCatalog, read_refcat
@@ -706,8 +706,9 @@ def ingest_summary_lines(result: IngestResult, store: str) -> list[str]:
     lines = [f"{result.table} -> {store}"]
     for night, counts in result.nights.items():
         lines.append(
-            f"  nights/{night}: {counts['exposures']} exposures, {counts['observations']} "
-            f"observations, {counts['rejected']} rows rejected (nights/{night}/rejected)"
+            f"  {groups.night(night)}: {counts['exposures']} exposures, "
+            f"{counts['observations']} observations, {counts['rejected']} rows rejected "
+            f"({groups.rejected(night)})"
         )
     if result.rejected:
         lines.append(f"rejected rows ({result.n_rejected}):")

@@ -19,9 +19,8 @@ import numpy as np
 from prefect import task
 
 from tasks.io import groups
+from tasks.io.groups import UNKNOWN_NIGHT
 from tasks.io.store import group_exists, list_children, list_groups, read_group
-
-UNKNOWN_NIGHT = "unknown-night"
 
 # Groups each stage reads per night ({night} filled in). Stages not listed
 # (index reads raw files, transients simulates its pairs) have no store input.

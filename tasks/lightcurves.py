@@ -32,7 +32,6 @@ mag, mag_err, flags.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -42,8 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 from astropy.wcs import WCS
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 from pydantic import Field
 
 from calib.fluxscale import AB_NJY_ZERO_POINT, FluxScale, measure_flux_scale
@@ -59,9 +57,12 @@ from calib.scene import (
 )
 from calib.starflat import Starflat
 from tasks.config import StageConfig
+from tasks.io import groups
+from tasks.io.provenance import provenance
 from tasks.io.reduced import ReducedExposure, open_reduced, reduced_exposures
 from tasks.io.store import StoreError, group_exists, read_group, write_group
 from tasks.io.targets import Target, read_targets
+from tasks.logs import run_logger
 
 FLAG_BITS = {
     "off_detector": 1,
@@ -224,7 +225,7 @@ def plan_targets(
     exposures: dict[str, xr.Dataset] = {}
     for night, expid in reduced_exposures(store, nights):
         if night not in exposures:
-            exposures[night] = read_group(store, f"nights/{night}/exposures")
+            exposures[night] = read_group(store, groups.exposures(night))
         ex = exposures[night]
         row = np.flatnonzero(ex.expid.values == expid)
         if not len(row):
@@ -270,7 +271,7 @@ class _Inputs:
 
     def ubercal(self, band: str) -> xr.Dataset:
         if band not in self._ubercal:
-            group = f"ubercal/{band}"
+            group = groups.ubercal(band)
             if not group_exists(self.store, group):
                 raise StoreError(
                     f"{self.store}: no {group}: run the ubercal stage first (the light "
@@ -282,8 +283,8 @@ class _Inputs:
     def night(self, night: str) -> tuple[xr.Dataset, xr.Dataset]:
         if night not in self._nights:
             self._nights[night] = (
-                read_group(self.store, f"nights/{night}/catalog"),
-                read_group(self.store, f"nights/{night}/exposures"),
+                read_group(self.store, groups.catalog(night)),
+                read_group(self.store, groups.exposures(night)),
             )
         return self._nights[night]
 
@@ -509,21 +510,51 @@ def _fit_piece_psf(inputs: _Inputs, pd: _PieceData, epoch: Epoch, config: Lightc
 # --- frames and maps ---------------------------------------------------------------------
 
 
-def _affine(ref: _PieceData, origin: tuple[int, int], pd: _PieceData, at: tuple[float, float]):
-    """Frame (reference quadrant pixels minus ``origin``) -> ``pd``'s region pixels,
-    the WCSs linearised at frame position ``at``, plus the measured centroid offsets."""
-    u = np.array([at[0], at[0] + 1.0, at[0]])
-    v = np.array([at[1], at[1], at[1] + 1.0])
-    # Reference pixel (WCS coordinates: measured minus its centroid offset) -> sky.
-    ra, dec = ref.wcs.all_pix2world(
-        u + origin[0] - ref.centroid[0], v + origin[1] - ref.centroid[1], 0
+@dataclass(frozen=True)
+class _Frame:
+    """Pixel coordinates of a quadrant offset by an origin, beside a piece's region:
+    the scene model's frame (reference quadrant pixels minus an origin near the
+    target) and the difference images' reference frame (which may extend beyond
+    its quadrant). Positions are measured ones: the WCS sees them minus
+    ``centroid``, the photometry stage's offset of the stars from the WCS."""
+
+    wcs: WCS
+    rx0: int
+    ry0: int
+    centroid: tuple[float, float]
+
+
+def _wcs_map(src: _PieceData | _Frame, dst: _PieceData | _Frame) -> Callable:
+    """Exact pixel map: ``src`` pixels -> ``dst`` pixels, through the sky."""
+
+    def f(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ra, dec = src.wcs.all_pix2world(
+            np.ravel(x) + src.rx0 - src.centroid[0], np.ravel(y) + src.ry0 - src.centroid[1], 0
+        )
+        xd, yd = _world_to_pixel(dst.wcs, ra, dec)
+        xd = xd + dst.centroid[0] - dst.rx0
+        yd = yd + dst.centroid[1] - dst.ry0
+        return xd.reshape(np.shape(x)), yd.reshape(np.shape(y))
+
+    return f
+
+
+def _affine(
+    src: _PieceData | _Frame,
+    dst: _PieceData | _Frame,
+    at: tuple[float, float],
+    *,
+    centred: bool = False,
+) -> AffineMap:
+    """``src`` pixels -> ``dst`` pixels, the exact map (:func:`_wcs_map`)
+    linearised at ``src`` position ``at``; ``centred``: from ``src`` pixels minus
+    ``at`` (a calibration star's frame)."""
+    x, y = _wcs_map(src, dst)(
+        np.array([at[0], at[0] + 1.0, at[0]]), np.array([at[1], at[1], at[1] + 1.0])
     )
-    x, y = _world_to_pixel(pd.wcs, ra, dec)
-    x = x + pd.centroid[0] - pd.rx0
-    y = y + pd.centroid[1] - pd.ry0
     m = np.array([[x[1] - x[0], x[2] - x[0]], [y[1] - y[0], y[2] - y[0]]])
-    offset = np.array([x[0], y[0]]) - m @ np.asarray(at)
-    return AffineMap(m, offset)
+    here = np.array([x[0], y[0]])
+    return AffineMap(m, here if centred else here - m @ np.asarray(at))
 
 
 def _stamp(pd: _PieceData, x: float, y: float, half: int):
@@ -644,10 +675,13 @@ def measure_band(
     ref = min(main, key=lambda pd: pd.psf.params_at(pd.piece.x - pd.rx0, pd.piece.y - pd.ry0)[0])
     origin = (round(ref.piece.x + ref.centroid[0]), round(ref.piece.y + ref.centroid[1]))
     pos0 = (ref.piece.x + ref.centroid[0] - origin[0], ref.piece.y + ref.centroid[1] - origin[1])
+    frame = _Frame(ref.wcs, *origin, ref.centroid)
     # The flux scale first: the calibration stars correct each image's alpha
     # before the scene is fitted, so that the galaxy sees the corrected scales.
     scale = _calibration_stars(inputs, epochs, usable, config)
-    corr, corr_err, per_epoch_used = _correction(scale, n, config)
+    corr, corr_err, per_epoch_used = scale.correction(
+        config.flux_scale, per_epoch_max_err=config.per_epoch_max_err
+    )
     for pd in usable:
         pd.alpha *= corr[pd.epoch]
         if per_epoch_used[pd.epoch]:
@@ -655,7 +689,7 @@ def measure_band(
             pd.zp_err = _MAG_ERR * corr_err[pd.epoch] / corr[pd.epoch]
     images, owner = [], []
     for pd in usable:
-        amap = _affine(ref, origin, pd, pos0)
+        amap = _affine(frame, pd, pos0)
         xt, yt = amap(*pos0)
         half = int(np.ceil(config.stamp_half_fwhm * pd.fwhm_px))
         img, partial = _scene_image(pd, amap, float(xt), float(yt), half, config)
@@ -722,27 +756,8 @@ def measure_band(
         }
     )
     if config.forced:
-        _forced(inputs, result, usable, ref, origin, fit, config)
+        _forced(inputs, result, usable, ref, frame, fit, config)
     return result
-
-
-def _correction(
-    scale: FluxScale, n: int, config: LightcurveConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-epoch ratio, its error, and whether it is the epoch's own (else the
-    band's): ``auto`` uses an epoch's own ratio when its stars fix it better than
-    ``per_epoch_max_err``."""
-    ones = np.ones(n)
-    if config.flux_scale == "none":
-        return ones, np.zeros(n), np.zeros(n, bool)
-    own = np.isfinite(scale.per_epoch) & (scale.per_epoch_n >= 1)
-    if config.flux_scale == "auto":
-        own &= (scale.per_epoch_n >= 3) & (scale.per_epoch_err <= config.per_epoch_max_err)
-    elif config.flux_scale == "global":
-        own[:] = False
-    ratio = np.where(own, scale.per_epoch, scale.ratio)
-    err = np.where(own, scale.per_epoch_err, scale.ratio_err)
-    return ratio, err, own
 
 
 def _epochs_qa(epochs, owner, images, fit) -> dict[str, list]:
@@ -791,7 +806,7 @@ def _calibration_stars(inputs, epochs, usable, config) -> FluxScale:
         at = (first.stars["x"][k0], first.stars["y"][k0])
         images = []
         for pd, _k in rows:
-            amap = _star_map(first, at, pd)
+            amap = _affine(first, pd, at, centred=True)
             half = int(np.ceil(config.stamp_half_fwhm * pd.fwhm_px))
             xs, ys = amap(0.0, 0.0)
             img, partial = _scene_image(pd, amap, float(xs), float(ys), half, config)
@@ -838,46 +853,7 @@ def _catalog_rows(ub: xr.Dataset, source_ids) -> dict[int, int]:
     return out
 
 
-def _star_map(first: _PieceData, at: tuple[float, float], pd: _PieceData) -> AffineMap:
-    """Frame of a calibration star (``first``'s region pixels minus ``at``) -> ``pd``'s."""
-    u = np.array([0.0, 1.0, 0.0]) + at[0] + first.rx0 - first.centroid[0]
-    v = np.array([0.0, 0.0, 1.0]) + at[1] + first.ry0 - first.centroid[1]
-    ra, dec = first.wcs.all_pix2world(u, v, 0)
-    x, y = _world_to_pixel(pd.wcs, ra, dec)
-    x = x + pd.centroid[0] - pd.rx0
-    y = y + pd.centroid[1] - pd.ry0
-    return AffineMap(
-        np.array([[x[1] - x[0], x[2] - x[0]], [y[1] - y[0], y[2] - y[0]]]), np.array([x[0], y[0]])
-    )
-
-
 # --- the classical comparison ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """Pixel coordinates of a quadrant offset by an origin (a region, or the
-    reference's frame, which may extend beyond its quadrant)."""
-
-    wcs: WCS
-    rx0: int
-    ry0: int
-    centroid: tuple[float, float]
-
-
-def _wcs_map(src: _PieceData | _Frame, dst: _PieceData | _Frame) -> Callable:
-    """Exact pixel map: ``src`` pixels -> ``dst`` pixels, through the sky."""
-
-    def f(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ra, dec = src.wcs.all_pix2world(
-            np.ravel(x) + src.rx0 - src.centroid[0], np.ravel(y) + src.ry0 - src.centroid[1], 0
-        )
-        xd, yd = _world_to_pixel(dst.wcs, ra, dec)
-        xd = xd + dst.centroid[0] - dst.rx0
-        yd = yd + dst.centroid[1] - dst.ry0
-        return xd.reshape(np.shape(x)), yd.reshape(np.shape(y))
-
-    return f
 
 
 def _reference(inputs, result: BandResult, ref: _PieceData, baseline: np.ndarray, config):
@@ -912,7 +888,7 @@ def _reference(inputs, result: BandResult, ref: _PieceData, baseline: np.ndarray
     return frame, image, variance
 
 
-def _forced(inputs, result: BandResult, usable, ref, origin, fit, config) -> None:
+def _forced(inputs, result: BandResult, usable, ref, scene: _Frame, fit, config) -> None:
     """Forced photometry on difference images against a baseline reference,
     calibrated like the scene model: ubercal scales, then the stars' ratio."""
     n = len(result.epochs)
@@ -928,7 +904,7 @@ def _forced(inputs, result: BandResult, usable, ref, origin, fit, config) -> Non
     for pd in usable:
         if not pd.piece.inside:
             continue
-        amap = _affine(ref, origin, pd, tuple(fit.position))
+        amap = _affine(scene, pd, tuple(fit.position))
         xt, yt = (float(v) for v in amap(*fit.position))
         h = config.forced_cutout_px // 2
         ny, nx = pd.image.shape
@@ -981,7 +957,9 @@ def _forced(inputs, result: BandResult, usable, ref, origin, fit, config) -> Non
         for sid, f, e in zip(s["source_id"][ok], df.star_flux_e, df.star_flux_err_e, strict=True):
             star_flux.setdefault(int(sid), {})[pd.epoch] = (f / a, e / a)
     scale = _catalog_scale(inputs.ubercal(result.band), star_flux, n)
-    corr, corr_err, own = _correction(scale, n, config)
+    corr, corr_err, own = scale.correction(
+        config.flux_scale, per_epoch_max_err=config.per_epoch_max_err
+    )
     result.forced_flux /= corr
     result.forced_err = np.hypot(
         result.forced_err / corr, np.where(own, result.forced_flux * corr_err / corr, 0.0)
@@ -1076,13 +1054,6 @@ def lightcurve_dataset(results: list[BandResult], *, forced: bool = False) -> xr
     )
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
 def measure_target(
     store: str, target: Target, epochs: list[Epoch], config: LightcurveConfig
 ) -> dict[str, Any]:
@@ -1092,24 +1063,24 @@ def measure_target(
     results = [
         measure_band(inputs, target, b, [e for e in epochs if e.band == b], config) for b in bands
     ]
-    attrs = {
-        "stage": "lightcurves",
-        "target": target.as_dict(),
-        "config": config.model_dump(),
-        "scene_options": config.scene_options().as_dict(),
-        "flag_bits": FLAG_BITS,
-        "flux_convention": "flux_njy = 10**(-0.4 (m - 31.4)), m = m_inst + zp + dzp "
-        "(+ the exposure gradient term when ubercal fitted one)",
-        "inputs": {
+    attrs = provenance(
+        "lightcurves",
+        config=config,
+        inputs={
             "nights": sorted({e.night for e in epochs}),
-            "ubercal": [f"ubercal/{b}" for b in bands],
+            "ubercal": [groups.ubercal(b) for b in bands],
         },
-        "bands": {
+        target=target.as_dict(),
+        scene_options=config.scene_options().as_dict(),
+        flag_bits=FLAG_BITS,
+        flux_convention="flux_njy = 10**(-0.4 (m - 31.4)), m = m_inst + zp + dzp "
+        "(+ the exposure gradient term when ubercal fitted one)",
+        bands={
             r.band: {k: v for k, v in r.attrs.items() if not k.startswith("forced")}
             for r in results
         },
-    }
-    write_group(store, f"lightcurves/{target.name}", lightcurve_dataset(results), attrs=attrs)
+    )
+    write_group(store, groups.lightcurve(target.name), lightcurve_dataset(results), attrs=attrs)
     summary: dict[str, Any] = {
         "name": target.name,
         "epochs": len(epochs),
@@ -1130,12 +1101,12 @@ def measure_target(
         }
         write_group(
             store,
-            f"lightcurves_forced/{target.name}",
+            groups.lightcurve_forced(target.name),
             lightcurve_dataset(results, forced=True),
             attrs=forced_attrs,
         )
         summary["forced_measured"] = int(sum(np.isfinite(r.forced_flux).sum() for r in results))
-    _logger().info("lightcurves/%s: %s", target.name, summary)
+    run_logger(__name__).info("%s: %s", groups.lightcurve(target.name), summary)
     return summary
 
 
@@ -1169,7 +1140,7 @@ def plan_lightcurves_task(
 ) -> list[tuple[Target, list[Epoch]]]:
     """Read the targets table and find each target's kept exposures."""
     planned = plan(store, targets_path, nights)
-    _logger().info(
+    run_logger(__name__).info(
         "lightcurves: %d targets, %d epochs", len(planned), sum(len(e) for _, e in planned)
     )
     return planned

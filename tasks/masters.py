@@ -37,7 +37,6 @@ from calib.masters import (
 )
 from calib.overscan import overscan_level
 from tasks.config import StageConfig
-from tasks.index import UNKNOWN_NIGHT
 from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import QuadrantHeader, read_overscan, read_rows, validate_file
@@ -52,7 +51,7 @@ from tasks.io.store import (
     write_region,
 )
 from tasks.logs import run_logger
-from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_dir
+from tasks.qa import plot_binned_histograms, plot_histograms, plot_quadrant_maps, qa_path
 
 
 class MastersConfig(StageConfig, table="masters"):
@@ -154,7 +153,7 @@ def _subsample(items: list, limit: int) -> list:
 def plan_periods(store: str, nights: list[str] | None, config: MastersConfig) -> list[PeriodPlan]:
     """Periods touched by ``nights`` (default: every indexed night), with all their
     indexed calibration frames, in time order."""
-    indexed = [n for n in list_groups(store, groups.INDEX) if n != UNKNOWN_NIGHT]
+    indexed = [n for n in list_groups(store, groups.INDEX) if n != groups.UNKNOWN_NIGHT]
     wanted = {period_label(n, config) for n in (nights if nights is not None else indexed)}
     bias: dict[str, list[tuple[float, str]]] = defaultdict(list)
     flats: dict[str, dict[str, dict[int, list[tuple[float, str, str]]]]] = defaultdict(
@@ -401,7 +400,7 @@ def commit_bias(
         plots["delta_map"] = str(
             plot_quadrant_maps(
                 maps,
-                qa_dir(store, group) / "delta_ref.png",
+                qa_path(store, group, "delta_ref.png"),
                 title=f"master bias {plan.period} - reference {reference}",
                 unit="ADU",
             )
@@ -644,7 +643,6 @@ def commit_flat(
     group = groups.flat(band, plan.period)
     norm = focal_plane_normalisation(pair for part in sums for pair in part.values())
     ds = open_staging(staging)
-    qa = qa_dir(store, group)
     flat_maps, sigma_samples = {}, {}
     n_defects = 0
     # One quadrant at a time: a whole focal plane is ~9 GB at ZTF size.
@@ -670,7 +668,7 @@ def commit_flat(
         "flat_map": str(
             plot_quadrant_maps(
                 flat_maps,
-                qa / "flat.png",
+                qa_path(store, group, "flat.png"),
                 title=f"master flat {band} {plan.period} (minus 1)",
                 unit="relative",
             )
@@ -678,7 +676,7 @@ def commit_flat(
         "residual_sigma_hist": str(
             plot_histograms(
                 sigma_samples,
-                qa / "residual_sigma.png",
+                qa_path(store, group, "residual_sigma.png"),
                 title="per-pixel residual sigma of the flat stack",
                 xlabel="sigma_i",
                 empty_note="no data (a single frame per LED has no scatter)",
@@ -691,7 +689,7 @@ def commit_flat(
                     for led in small.led.values
                 },
                 RATIO_EDGES,
-                qa / "ratio_hist.png",
+                qa_path(store, group, "ratio_hist.png"),
                 title=f"daily / master flat {band} {plan.period}, all quadrants and nights",
                 xlabel="ratio (end bins hold everything beyond)",
             )

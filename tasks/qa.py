@@ -1,4 +1,6 @@
-"""QA plots (PNG) written beside the store: ``<store>.qa/<group>/<name>.png``."""
+"""QA plots (PNG) written beside the store: ``<store>.qa/<group>/<name>.png``,
+a folder beside a local store, a prefix beside one on object storage
+(``s3://bucket/photocal.zarr.qa/...``, with the store's credentials)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO, Any
 
 import matplotlib
 
@@ -13,18 +16,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+QaPath = str | Path
+"""Where a plot goes: a local path or an object-store URL."""
 
-def qa_dir(store: str | os.PathLike, group: str) -> Path:
-    """Folder for a group's plots; object stores get a local folder of the same name."""
-    root = Path(str(store).split("://")[-1])
-    path = root.parent / f"{root.name}.qa" / group
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+
+def qa_path(store: str | os.PathLike, group: str, name: str) -> QaPath:
+    """Where the plot ``name`` of ``group`` goes: ``<store>.qa/<group>/<name>``
+    (the local folder made)."""
+    text = os.fspath(store).rstrip("/")
+    if "://" in text:
+        return f"{text}.qa/{group}/{name}"
+    root = Path(text)
+    folder = root.parent / f"{root.name}.qa" / group
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def _save(fig: Any, path: QaPath | IO[bytes]) -> None:
+    """PNG to a local path, an object-store URL or an open binary file."""
+    if isinstance(path, str) and "://" in path:
+        import fsspec
+
+        from tasks.io.objstore import storage_options
+
+        with fsspec.open(path, "wb", **storage_options(path)) as fh:
+            fig.savefig(fh, format="png", dpi=80)
+    else:
+        fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
 
 
 def plot_quadrant_maps(
-    maps: Mapping[str, np.ndarray], path: Path, *, title: str, unit: str
-) -> Path:
+    maps: Mapping[str, np.ndarray], path: QaPath, *, title: str, unit: str
+) -> QaPath:
     """One panel per quadrant, a shared symmetric colour scale (robust 1-99 %)."""
     n = len(maps)
     cols = min(8, max(1, n))
@@ -43,20 +67,19 @@ def plot_quadrant_maps(
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label=unit)
     fig.suptitle(title)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def plot_histograms(
     samples: Mapping[str, np.ndarray],
-    path: Path,
+    path: QaPath,
     *,
     title: str,
     xlabel: str,
     bins: int = 80,
     empty_note: str = "no data",
-) -> Path:
+) -> QaPath:
     """Overlaid histograms (log counts), one per label."""
     finite = [s[np.isfinite(s)] for s in samples.values()]
     lo = min((np.percentile(s, 0.1) for s in finite if s.size), default=0.0)
@@ -74,12 +97,12 @@ def plot_histograms(
 def plot_binned_histograms(
     counts: Mapping[str, np.ndarray],
     edges: np.ndarray,
-    path: Path,
+    path: QaPath,
     *,
     title: str,
     xlabel: str,
     empty_note: str = "no data",
-) -> Path:
+) -> QaPath:
     """Overlaid histograms already binned on ``edges`` (log counts), one per label;
     labels without counts are left out."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -105,6 +128,5 @@ def plot_binned_histograms(
     if 0 < drawn <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
     return path

@@ -38,6 +38,7 @@ from calib.pixel_area import PixelAreaCache
 from calib.reduce import ReducedQuadrant, reduce_quadrant
 from calib.zeropoint import classical_zeropoints, zeropoint_stars
 from ml.zp_features import centre_crop
+from tasks.allocator import keep_freed_memory
 from tasks.config import StageConfig
 from tasks.io import groups
 from tasks.io.provenance import provenance
@@ -429,6 +430,7 @@ def photometer_chunk(
     area_cache: PixelAreaCache | None = None,
 ) -> list[ExposureResult]:
     """Reduce and photometer a chunk of science exposures of one night."""
+    keep_freed_memory()  # full-size arrays reused quadrant after quadrant (tasks/allocator.py)
     refcat = read_refcat(refcat_path)
     cache = area_cache if area_cache is not None else _AREA_CACHE
     results = []

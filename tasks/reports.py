@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -24,9 +23,9 @@ from prefect.artifacts import (
 
 from tasks.io.store import is_local, local_path
 from tasks.report import markdown
-from tasks.report.data import master_trends, night_qa
+from tasks.report.data import light_curves, master_trends, night_qa
 from tasks.report.html import page_name, write_report
-from tasks.report.sections import Block, Table, night_sections, num
+from tasks.report.sections import Block, Table, lightcurves_section, night_sections, num
 
 
 def artifact_key(*parts: str) -> str:
@@ -35,20 +34,24 @@ def artifact_key(*parts: str) -> str:
 
 
 def default_report_dir(store: str) -> str:
-    """``<store>.report`` beside a local store (object stores: name one)."""
+    """``<store>.report`` beside the store: a folder beside a local one, a prefix
+    beside one on an object store (``s3://bucket/photocal.zarr.report``)."""
     if not is_local(store):
-        raise ValueError(f"store {store!r} is not local: set the report directory")
+        return f"{store.rstrip('/')}.report"
     root = local_path(store)
     return str(root.parent / f"{root.name}.report")
 
 
 def report_url(report_dir: str, night: str | None = None, base_url: str | None = None) -> str:
     """Where an operator opens the report (a night's page, or the index): under
-    ``base_url`` when the directory is published by a web server, else a file URL."""
+    ``base_url`` when the directory is published by a web server, else a file
+    URL, or the object's URL on an object store."""
     name = page_name(night) if night else "index.html"
     if base_url:
         return f"{base_url.rstrip('/')}/{name}"
-    return Path(report_dir, name).resolve().as_uri()
+    if not is_local(report_dir):
+        return f"{report_dir.rstrip('/')}/{name}"
+    return local_path(report_dir).joinpath(name).resolve().as_uri()
 
 
 def run_notes(night: str, qa_groups: Sequence[str], summary: dict[str, Any]) -> list[Block]:
@@ -126,6 +129,21 @@ def publish_night_report(
     return key
 
 
+def publish_lightcurves(store: str, names: Sequence[str]) -> str | None:
+    """The ``lightcurves`` artifact of the current run: the report's light-curve
+    section for the objects ``names``; its key, or None without any."""
+    section = lightcurves_section(light_curves(store, names=names))
+    if section is None:
+        return None
+    key = artifact_key("lightcurves")
+    create_markdown_artifact(
+        key=key,
+        markdown=markdown.render("photocal light curves", [section], intro=[f"Store: `{store}`"]),
+        description=f"light curves of {len(names)} object(s)",
+    )
+    return key
+
+
 @task(name="night-report")
 def night_report_task(
     store: str, night: str, summary: dict[str, Any], html_url: str | None = None
@@ -133,6 +151,12 @@ def night_report_task(
     """Prefect task: :func:`publish_night_report` (its artifacts go to the flow
     run that calls it)."""
     return publish_night_report(store, night, summary, html_url=html_url)
+
+
+@task(name="lightcurves-report")
+def lightcurves_report_task(store: str, names: list[str]) -> str | None:
+    """Prefect task: :func:`publish_lightcurves` (on the flow run that calls it)."""
+    return publish_lightcurves(store, names)
 
 
 @task(name="html-report", retries=1, retry_delay_seconds=2)

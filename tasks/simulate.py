@@ -14,7 +14,7 @@ import xarray as xr
 from astropy.table import Table
 
 from sim.badfiles import write_bad_files
-from sim.catalogsim import CatalogSurvey
+from sim.catalogsim import TRUTH_COLUMNS, CatalogSurvey, CatalogSurveyPlan
 from sim.config import SurveyConfig, make_config
 from sim.survey import Survey, write_raw
 from tasks.io import groups
@@ -133,27 +133,52 @@ def write_targets(path: str | os.PathLike, survey: Survey) -> int:
 # -- catalog-level surveys (sim/catalogsim.py) written as the photometry stage would --
 
 
-def write_catalog_survey(store: str | os.PathLike, survey: CatalogSurvey) -> None:
-    """One nights/<night>/catalog and exposures group per night (docs/store.md)."""
-    o, ex = survey.observations, survey.exposures
+def write_catalog_survey(
+    store: str | os.PathLike, survey: CatalogSurvey | CatalogSurveyPlan
+) -> None:
+    """One nights/<night>/catalog and exposures group per night (docs/store.md).
+    A :class:`~sim.catalogsim.CatalogSurveyPlan` is drawn night by night, so a
+    survey of any size is written without holding more than one night."""
+    ex = survey.exposures
+    if isinstance(survey, CatalogSurveyPlan):
+        nights = {n: np.flatnonzero(ex["night"] == n) for n in np.unique(ex["night"])}
+        for night, rows in nights.items():
+            cats = [survey.exposure_catalog(int(e)) for e in rows]
+            obs = {
+                k: np.concatenate([c[k] for c in cats]) for k in cats[0] if k not in TRUTH_COLUMNS
+            }
+            _write_night(store, survey, night, obs)
+        return
     for night, rows in survey.night_slices().items():
-        attrs = provenance(
-            "simulate-catalog",
-            config=dataclasses.asdict(survey.config),
-            night=night,
-            quad_nx=survey.config.quad_nx,
-            quad_ny=survey.config.quad_ny,
-        )
-        cat = xr.Dataset({k: ("obs", v[rows]) for k, v in o.items()})
-        write_group(store, groups.catalog(night), cat, attrs=attrs)
-        sel = ex["night"] == night
-        exps = xr.Dataset(
-            {k: ("exposure", ex[k][sel]) for k in ("expid", "mjd", "band", "airmass", "exptime_s")}
-        )
-        write_group(store, groups.exposures(night), exps, attrs=attrs)
+        _write_night(store, survey, night, {k: v[rows] for k, v in survey.observations.items()})
 
 
-def write_catalog_refcat(path: str | os.PathLike, survey: CatalogSurvey) -> None:
+def _write_night(
+    store: str | os.PathLike,
+    survey: CatalogSurvey | CatalogSurveyPlan,
+    night: str,
+    obs: dict[str, np.ndarray],
+) -> None:
+    attrs = provenance(
+        "simulate-catalog",
+        config=dataclasses.asdict(survey.config),
+        night=night,
+        quad_nx=survey.config.quad_nx,
+        quad_ny=survey.config.quad_ny,
+    )
+    cat = xr.Dataset({k: ("obs", v) for k, v in obs.items()})
+    write_group(store, groups.catalog(night), cat, attrs=attrs)
+    ex = survey.exposures
+    sel = ex["night"] == night
+    exps = xr.Dataset(
+        {k: ("exposure", ex[k][sel]) for k in ("expid", "mjd", "band", "airmass", "exptime_s")}
+    )
+    write_group(store, groups.exposures(night), exps, attrs=attrs)
+
+
+def write_catalog_refcat(
+    path: str | os.PathLike, survey: CatalogSurvey | CatalogSurveyPlan
+) -> None:
     """The survey's reference catalog (its band only; the others are NaN)."""
     st = survey.stars
     sel = st["in_refcat"]

@@ -21,6 +21,7 @@ import functools
 import io
 import operator
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -29,12 +30,13 @@ import dask
 import numpy as np
 import xarray as xr
 from prefect import task
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from calib.starflat import Starflat
 from calib.ubercal import (
     ObservationChunk,
     ReferenceStars,
+    UbercalError,
     UbercalOptions,
     UbercalSolution,
     solve_ubercal,
@@ -42,7 +44,7 @@ from calib.ubercal import (
 from calib.ubercal.iterative import Partitions, concat_chunks, partition_in_memory, split_chunk
 from sim.camera import Camera
 from sim.config import CameraConfig
-from tasks.config import StageConfig
+from tasks.config import StageConfig, _numpydoc_attributes
 from tasks.io import groups
 from tasks.io.provenance import provenance
 from tasks.io.raw import read_refcat
@@ -52,6 +54,37 @@ T = TypeVar("T")
 
 _CATALOG_COLUMNS = ("expid", "quadrant", "source_id", "x", "y", "mag_inst", "mag_inst_err", "flags")
 _BRIGHT_MAG = 17.0
+
+
+def _options_model() -> type[BaseModel]:
+    """A pydantic model of :class:`calib.ubercal.UbercalOptions`: the same fields,
+    types and defaults, each described by its entry of the dataclass's docstring
+    (the one home of those texts), validated by the dataclass itself."""
+    docs = {
+        k: v.replace("``", "")
+        for k, v in _numpydoc_attributes(UbercalOptions.__doc__ or "").items()
+    }
+    hints = typing.get_type_hints(UbercalOptions)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(UbercalOptions):
+        if not docs.get(f.name):
+            raise TypeError(f"UbercalOptions.{f.name} has no description in its docstring")
+        fields[f.name] = (hints[f.name], Field(f.default, description=docs[f.name]))
+
+    def check(self: BaseModel) -> BaseModel:
+        UbercalOptions(**self.model_dump())  # the dataclass's own checks
+        return self
+
+    return create_model(
+        "UbercalOptionsConfig",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="The fit options of calib.ubercal.UbercalOptions, described field by field.",
+        __validators__={"_check": model_validator(mode="after")(check)},
+        **fields,
+    )
+
+
+UbercalOptionsConfig = _options_model()
 
 
 class UbercalStageConfig(StageConfig, table="ubercal"):
@@ -66,10 +99,11 @@ class UbercalStageConfig(StageConfig, table="ubercal"):
     last_night: str | None = Field(
         None, description="Last night (YYYY-MM-DD, inclusive); None: the latest in the store."
     )
-    options: UbercalOptions = Field(
-        default_factory=UbercalOptions,
-        description="Fit options (calib.ubercal.UbercalOptions: zero-point mode, starflat "
-        "cells, colour term, error floor, clipping, solver, anchor).",
+    options: UbercalOptionsConfig = Field(  # type: ignore[valid-type]
+        default_factory=UbercalOptionsConfig,
+        description="Fit options (calib.ubercal.UbercalOptions, each field described): "
+        "zero-point mode, starflat cells and priors, colour term, error floor, clipping, "
+        "solver, anchor.",
     )
     scheduler: Literal["threads", "synchronous", "distributed"] = Field(
         "threads",
@@ -78,6 +112,16 @@ class UbercalStageConfig(StageConfig, table="ubercal"):
         "star-complete partitions kept on the workers, for the iterative solver).",
     )
     plots: bool = Field(True, description="Render the PNG QA plots into the group.")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _from_dataclass(cls, v: Any) -> Any:
+        return v.as_dict() if isinstance(v, UbercalOptions) else v
+
+    @property
+    def fit_options(self) -> UbercalOptions:
+        """The options as :func:`calib.ubercal.solve_ubercal` takes them."""
+        return UbercalOptions(**self.options.model_dump())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +206,10 @@ class DaskPartitions:
     def map_reduce(self, fn: Callable[[Any], T]) -> T:
         return self.map(fn).sum()
 
+    def map_sum(self, fn: Callable[[Any], tuple[Any, T]]) -> tuple[DaskPartitions, T]:
+        step = self.map(fn)
+        return step.map(operator.itemgetter(0)), step.map(operator.itemgetter(1)).sum()
+
     def sum(self) -> Any:
         """The pairwise (tree) sum of the partitions' values, computed on the workers."""
         parts = list(self.futures)
@@ -219,7 +267,7 @@ def _select_nights(store: str, first: str | None, last: str | None) -> list[str]
     if not nights:
         raise StoreError(
             f"{store}: no night catalogs between {first or 'the first'} and "
-            f"{last or 'the last'} night under nights/"
+            f"{last or 'the last'} night under {groups.NIGHTS}/"
         )
     return nights
 
@@ -229,7 +277,7 @@ def _quadrant_shape(store: str, nights: list[str]) -> tuple[int, int]:
     for n in nights:
         attrs = read_group(store, groups.catalog(n), load=False).attrs
         if "quad_nx" not in attrs or "quad_ny" not in attrs:
-            raise StoreError(f"{store}: nights/{n}/catalog lacks the quad_nx/quad_ny attrs")
+            raise StoreError(f"{store}: {groups.catalog(n)} lacks the quad_nx/quad_ny attrs")
         shapes.add((int(attrs["quad_nx"]), int(attrs["quad_ny"])))
     if len(shapes) != 1:
         raise StoreError(f"{store}: night catalogs disagree on the quadrant size: {sorted(shapes)}")
@@ -272,17 +320,31 @@ def run_ubercal_stage(
     def solve(client: Any = None) -> UbercalSolution:
         source = NightCatalogs(store, tuple(nights), config.band, config.scheduler, client)
         return solve_ubercal(
-            source, quad_nx=quad_nx, quad_ny=quad_ny, reference=reference, options=config.options
+            source,
+            quad_nx=quad_nx,
+            quad_ny=quad_ny,
+            reference=reference,
+            options=config.fit_options,
         )
 
-    if config.scheduler == "distributed":
-        from distributed import worker_client
+    try:
+        if config.scheduler == "distributed":
+            from distributed import worker_client
 
-        # Secedes from the worker's thread pool while the fit's tasks run.
-        with worker_client() as client:
-            solution = solve(client)
-    else:
-        solution = solve()
+            # Secedes from the worker's thread pool while the fit's tasks run.
+            with worker_client() as client:
+                solution = solve(client)
+        else:
+            solution = solve()
+    except UbercalError as err:
+        where = (
+            f"ubercal/{config.band} (band {config.band!r} of nights/<night>/catalog, "
+            f"{nights[0]} to {nights[-1]}, in {store})"
+        )
+        if type(err) is UbercalError:
+            raise UbercalError(f"{where}: {err}") from err
+        err.add_note(where)  # DisconnectedGraphError keeps its type and components
+        raise
     ds = solution_dataset(solution, plots=config.plots)
     group = groups.ubercal(config.band)
     write_group(

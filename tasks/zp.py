@@ -169,12 +169,14 @@ def night_features(
     bands = [str(b) for b in exposures.band.values]
     for band in set(bands):
         if band not in config.zp_nominal_mag:
-            raise ValueError(f"nights/{night}: band {band!r} has no zp_nominal_mag in the config")
+            raise ValueError(
+                f"{groups.night(night)}: band {band!r} has no zp_nominal_mag in the config"
+            )
     targets = _night_targets(store, dict(zip(expids.tolist(), bands, strict=True)), config)
     inputs = []
     for k, expid in enumerate(expids.tolist()):
         if has_patches and expid not in patch_of:
-            raise StoreError(f"nights/{night}/patches has no patch for exposure {expid}")
+            raise StoreError(f"{groups.patches(night)} has no patch for exposure {expid}")
         lo = np.searchsorted(usable_expid, expid, side="left")
         obs = usable[lo : np.searchsorted(usable_expid, expid, side="right")]
         rows = ref_rows[obs]
@@ -411,7 +413,7 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
     fs = _feature_set(ds)
     if fs.patch.shape[1] != model.config.patch_px:
         raise ValueError(
-            f"ml/features/{night} has {fs.patch.shape[1]}-px patches, the model "
+            f"{groups.features(night)} has {fs.patch.shape[1]}-px patches, the model "
             f"{model.config.patch_px}: recompute the features with the model's config"
         )
     fs = attach_context(fs, ClearSkyModels.from_dict(card["clear_sky"]))

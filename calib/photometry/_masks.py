@@ -30,10 +30,13 @@ class MaskIndex:
 
     def __init__(self, mask: np.ndarray) -> None:
         self.trees: list[tuple[int, cKDTree]] = []
+        # One scan of the image: masked pixels are a few per cent of it.
+        iy, ix = np.nonzero(mask)
+        bits_at = mask[iy, ix]
         for bits, flag in self._GROUPS:
-            iy, ix = np.nonzero(mask & bits)
-            if len(iy):
-                self.trees.append((flag, cKDTree(np.column_stack([ix, iy]))))
+            sel = (bits_at & bits) != 0
+            if sel.any():
+                self.trees.append((flag, cKDTree(np.column_stack([ix[sel], iy[sel]]))))
 
     def flags(self, x: np.ndarray, y: np.ndarray, radius_px: float) -> np.ndarray:
         """Flags of circles of ``radius_px`` that touch a masked pixel."""

@@ -9,6 +9,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from calib._filters import uniform_filter
+
 # Flux ratio (neighbour / target) for index pairs (targets, neighbours).
 _RatioFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -38,12 +40,9 @@ def _contamination(
         return out
     alpha2 = (fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))) ** 2
     reach = radius_px + 15.0 * fwhm_px
-    lists = cKDTree(np.column_stack([nx_, ny_])).query_ball_point(np.column_stack([x, y]), reach)
-    counts = np.array([len(v) for v in lists])
-    if counts.sum() == 0:
+    ti, nj = _pairs_within(x, y, nx_, ny_, reach)
+    if len(ti) == 0:
         return out
-    ti = np.repeat(np.arange(len(x)), counts)
-    nj = np.concatenate([np.asarray(v, dtype=np.int64) for v in lists if v])
     if self_index is not None:
         keep = nj != self_index[ti]
         ti, nj = ti[keep], nj[keep]
@@ -52,6 +51,20 @@ def _contamination(
     frac = np.where(d > radius_px + fwhm_px, np.pi * radius_px**2 * density, 1.0)
     ratio = np.asarray(ratio_of(ti, nj), dtype=np.float64)
     return np.bincount(ti, weights=ratio * frac, minlength=len(x))
+
+
+def _pairs_within(
+    x: np.ndarray, y: np.ndarray, nx_: np.ndarray, ny_: np.ndarray, reach: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(target, neighbour) index pairs closer than ``reach``, ordered by target,
+    then neighbour (the order of per-target ball queries, so the sums below add
+    in the same order), from one tree-to-tree query: no Python list per target."""
+    finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    targets = cKDTree(np.column_stack([x[finite], y[finite]]))
+    neighbours = cKDTree(np.column_stack([nx_, ny_]))
+    pairs = targets.sparse_distance_matrix(neighbours, reach, output_type="ndarray")
+    order = np.lexsort((pairs["j"], pairs["i"]))
+    return finite[pairs["i"][order]].astype(np.int64), pairs["j"][order].astype(np.int64)
 
 
 def _catalog_ratio(mag_t: np.ndarray, mag_all: np.ndarray) -> _RatioFn:
@@ -125,7 +138,7 @@ def uncatalogued_sources(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centroids and fluxes of detected segments farther than ``match_px`` from
     every catalog position."""
-    smooth = ndimage.uniform_filter(fluence, 3)
+    smooth = uniform_filter(np.asarray(fluence, np.float32), 3)
     labels, n = ndimage.label(smooth > threshold_sigma * max(noise, 1e-6) / 3.0)
     if n == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)

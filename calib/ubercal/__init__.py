@@ -19,9 +19,13 @@ chunks wherever they live), so the observation table never has to sit in one
 process. The star block is diagonal: star magnitudes are eliminated analytically
 and the reduced (Schur complement) system -- a weighted graph Laplacian of zero
 points with a dense border of cells, gradients and colour terms -- is factorised
-by dense Cholesky up to ``dense_max_params`` unknowns, else by sparse LU (SuperLU,
-symmetric mode, minimum-degree ordering, which puts the dense border last). Outlier
-passes update the Schur complement for the stars whose observations changed only.
+by dense Cholesky up to ``dense_max_params`` unknowns; above, ``solver='auto'``
+solves it by matrix-free preconditioned conjugate gradients
+(:mod:`calib.ubercal.iterative`: star-complete partitions, one pass over the
+observations per iteration, the Schur complement never formed). Sparse LU
+(SuperLU, symmetric mode, minimum-degree ordering) of the formed system is
+``solver='sparse'``. Outlier passes update the formed Schur complement for the
+stars whose observations changed only, and warm-start the iterative solve.
 
 Gauge (:class:`UbercalOptions` ``anchor``): by default the reference catalog
 enters as a prior on the star magnitudes, which fixes the global offset and the
@@ -35,7 +39,8 @@ afterwards and leave every residual unchanged. Disconnected parts of the
 observation graph raise :class:`DisconnectedGraphError`.
 
 Errors are the diagonal of the covariance in the final gauge: exact on the dense
-path, from ``error_samples`` random draws of ``S^-1`` on the sparse path.
+path, from ``error_samples`` random draws of ``S^-1`` on the sparse and iterative
+paths.
 
 Outliers: each pass clips observations whose residual, normalised by its error
 and its leverage on the star magnitude, exceeds ``clip_sigma``, and rejects for

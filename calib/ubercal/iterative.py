@@ -17,11 +17,15 @@ formed. (Night catalogs are not star-complete, a star is seen on many nights:
 their ``S x`` would need two passes with a star-sized exchange between them.)
 
 Preconditioned conjugate gradients solve ``(S + P) x = b`` (``P`` the
-parameter priors) on the parameters left free by the gauge pins; the
-preconditioner is the exact block diagonal of ``S``: per exposure its zero
-points and gradient coefficients (an arrowhead block: zero points of one
-exposure share no star), per parameter elsewhere. Each outlier pass starts
-from the previous solution (warm start).
+parameter priors) on the parameters left free by the gauge pins. The
+preconditioner (``UbercalOptions.preconditioner``, measured in docs/ubercal.md)
+is the exact block diagonal of ``S`` -- per exposure its zero points and
+gradient coefficients (an arrowhead block: zero points of one exposure share no
+star), per parameter elsewhere -- plus, by default, a Galerkin coarse correction
+on the directions the data leave almost free (per quadrant its zero points
+against its cells; the mean gradient against a starflat tilt) and on one
+aggregate per exposure, which keeps the iteration count flat as the footprint
+grows. Each outlier pass starts from the previous solution (warm start).
 
 Errors: stochastic, through the same solver at a looser tolerance: solutions
 ``x_k = (S + P)^-1 b(eps_k)`` for ``error_samples`` draws of the data noise
@@ -34,24 +38,32 @@ diagonal as control variate was measured and rejected: docs/ubercal.md.)
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.csgraph
+import scipy.sparse.linalg
 
 from calib.ubercal.errors import DisconnectedGraphError, UbercalError
 from calib.ubercal.gauge import _gauge_pins, _gauge_transform, anchor_stars
 from calib.ubercal.layout import UbercalLayout, _Indexed
 from calib.ubercal.normal import _pair_sums, _prepare, _Prepared
 from calib.ubercal.observations import ObservationChunk, ObservationSource, _lookup
-from calib.ubercal.outliers import _PassStatistics, _rejected_stars, _selected, _statistics
+from calib.ubercal.outliers import (
+    _PassStatistics,
+    _rejected_stars,
+    _require_usable,
+    _selected,
+    _statistics,
+)
 from calib.ubercal.priors import parameter_prior, prior_dominated
 from calib.ubercal.solvers import _Parameters
 
@@ -69,24 +81,49 @@ T = TypeVar("T")
 class Partitions(Protocol):
     """Star-complete partitions wherever they live (this process, Dask workers).
     ``map`` applies a function to every partition and keeps the results where
-    the partitions are; ``map_reduce`` returns the sum (``+``) of the results."""
+    the partitions are; ``map_reduce`` returns the sum (``+``) of the results;
+    ``map_sum`` takes a function returning ``(new partition, value)`` and returns
+    the new partitions and the sum of the values."""
 
     def map(self, fn: Callable[[Any], Any]) -> Partitions: ...
 
     def map_reduce(self, fn: Callable[[Any], T]) -> T: ...
 
+    def map_sum(self, fn: Callable[[Any], tuple[Any, T]]) -> tuple[Partitions, T]: ...
+
 
 @dataclass(frozen=True)
 class InMemoryPartitions:
-    """:class:`Partitions` held in this process."""
+    """:class:`Partitions` held in this process, mapped over by ``threads``
+    threads (the solver's products spend their time in numpy and scipy.sparse
+    loops that release the GIL); results are summed in partition order, so the
+    sum does not depend on which thread finished first. Sums are taken as the
+    results come: each result is parameter-sized (a million zero points: 9 MB,
+    140 MB for 16 right-hand sides), and a survey has tens of partitions."""
 
     parts: Sequence[Any]
+    threads: int = 1
+
+    def _each(self, fn: Callable[[Any], T]) -> Iterator[T]:
+        if self.threads <= 1 or len(self.parts) <= 1:
+            yield from (fn(p) for p in self.parts)
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(self.threads, len(self.parts))) as pool:
+            yield from pool.map(fn, self.parts)
 
     def map(self, fn: Callable[[Any], Any]) -> InMemoryPartitions:
-        return InMemoryPartitions([fn(p) for p in self.parts])
+        return InMemoryPartitions(list(self._each(fn)), self.threads)
 
     def map_reduce(self, fn: Callable[[Any], T]) -> T:
-        return functools.reduce(operator.add, (fn(p) for p in self.parts))
+        return functools.reduce(operator.add, self._each(fn))
+
+    def map_sum(self, fn: Callable[[Any], tuple[Any, T]]) -> tuple[InMemoryPartitions, T]:
+        parts: list[Any] = []
+        total: Any = None
+        for part, value in self._each(fn):
+            parts.append(part)
+            total = value if total is None else total + value
+        return InMemoryPartitions(parts, self.threads), total
 
 
 # --- partitioning ---------------------------------------------------------------
@@ -146,7 +183,9 @@ def _split_to_pieces(
     return _Pieces(tuple((c,) for c in split_chunk(chunk, key, n_parts)))
 
 
-def partition(source: ObservationSource, layout: UbercalLayout, n_parts: int) -> Partitions:
+def partition(
+    source: ObservationSource, layout: UbercalLayout, n_parts: int, *, threads: int = 1
+) -> Partitions:
     """Regroup ``source`` into ``n_parts`` star-complete partitions, prepared for
     the solver. A source with a ``partition(key, n_parts, build)`` method does it
     where its chunks live (the stage's Dask source keeps them on the workers);
@@ -154,8 +193,11 @@ def partition(source: ObservationSource, layout: UbercalLayout, n_parts: int) ->
     key = star_partition(layout.source_ids, n_parts)
     build = functools.partial(_build_part, layout=layout, n_parts=n_parts)
     if hasattr(source, "partition"):
-        return source.partition(key, n_parts, build)  # type: ignore[no-any-return]
-    return partition_in_memory(source, key, n_parts, build)
+        parts = source.partition(key, n_parts, build)
+        if isinstance(parts, InMemoryPartitions):
+            return dataclasses.replace(parts, threads=threads)
+        return parts  # type: ignore[no-any-return]
+    return partition_in_memory(source, key, n_parts, build, threads=threads)
 
 
 def partition_in_memory(
@@ -163,14 +205,23 @@ def partition_in_memory(
     key: Callable[[ObservationChunk], np.ndarray],
     n_parts: int,
     build: Callable[..., Any],
+    *,
+    threads: int = 1,
 ) -> InMemoryPartitions:
     """Regroup a source into partitions held in this process: each chunk is
     split by ``key`` where it lives, the pieces come here and are built with
-    ``build(chunk, index=k)``."""
-    pieces = source.map_reduce(functools.partial(_split_to_pieces, key=key, n_parts=n_parts))
-    return InMemoryPartitions(
-        [build(concat_chunks(p), index=i) for i, p in enumerate(pieces.parts)]
+    ``build(chunk, index=k)``, each partition's pieces let go once it is built
+    (the pieces are a copy of the observations: at survey size, not two)."""
+    pieces = list(
+        source.map_reduce(functools.partial(_split_to_pieces, key=key, n_parts=n_parts)).parts
     )
+    parts = []
+    for i in range(n_parts):
+        chunk = concat_chunks(pieces[i])
+        pieces[i] = ()
+        parts.append(build(chunk, index=i))
+        del chunk
+    return InMemoryPartitions(parts, threads)
 
 
 @dataclass(frozen=True)
@@ -196,14 +247,12 @@ class _Part:
     wp: np.ndarray  # (n_s,) the prior's weight now: anchor stars with data in use
     colp: np.ndarray  # (n_s,) bp_rp - pivot of the prior
     mref: np.ndarray  # (n_s,) reference magnitude (0 where no prior)
+    wu: np.ndarray | None = None  # (n,) weights of the observations in use (0 else)
     agg: sp.csr_matrix | None = None  # (n_s, n): wu of each observation in use, by star
     D_obs: np.ndarray | None = None  # (n_s,) sum wu per star
+    inv_w: np.ndarray | None = None  # (n_s,) 1 / (D_obs + wp), 0 for stars without weight
     stats: _PassStatistics | None = None  # of the last pass (local stars)
     newly: np.ndarray | None = None  # (n_s,) bool: rejected by the last pass
-
-    @property
-    def wu(self) -> np.ndarray:
-        return np.where(self.used, self.prep.w, 0.0)
 
     def select(self, used: np.ndarray, rejected: np.ndarray) -> _Part:
         """This partition with a new selection; the prior follows the stars that
@@ -216,13 +265,18 @@ class _Part:
         # Sums per star of the observations in use, as one sparse product (for
         # one vector or many at once).
         agg = sp.csr_matrix((wu, (star, np.arange(len(star)))), shape=(n_s, len(star)))
+        D_obs = np.asarray(agg.sum(axis=1)).ravel()
+        D = D_obs + wp
+        # Kept with the selection: every product of the solver needs them.
         return dataclasses.replace(
             self,
             used=used,
             rejected=rejected,
             wp=wp,
+            wu=wu,
             agg=agg,
-            D_obs=np.asarray(agg.sum(axis=1)).ravel(),
+            D_obs=D_obs,
+            inv_w=np.divide(1.0, D, out=np.zeros_like(D), where=D > 0),
         )
 
 
@@ -303,16 +357,21 @@ def _reduced_product(part: _Part, v: np.ndarray, vp: np.ndarray) -> np.ndarray:
     """``C^T W (I - H) [v; vp]`` for observation values ``v`` (n[, k]) and prior
     pseudo-observation values ``vp`` (n_s[, k]) of the anchor coefficient:
     the star means of the used observations and the prior are removed and the
-    weighted remainder summed into the parameters, shape (n_param[, k])."""
-    wu = part.wu
-    D = part.D_obs + part.wp
-    inv_d = np.divide(1.0, D, out=np.zeros_like(D), where=D > 0)
+    weighted remainder summed into the parameters, shape (n_param[, k]).
+    ``v`` is overwritten (every caller hands a temporary: this is the inner
+    loop of the solver, and n x k temporaries are its largest arrays)."""
+    assert part.wu is not None
+    assert part.inv_w is not None
     shape = (-1,) + (1,) * (v.ndim - 1)
-    mean = (_star_sums(part, v) + part.wp.reshape(shape) * vp) * inv_d.reshape(shape)
-    r = wu.reshape(shape) * (v - mean[part.prep.ix.star])
-    y = np.asarray(part.C.T @ r)
+    wp = part.wp.reshape(shape)
+    mean = _star_sums(part, v)
+    mean += wp * vp
+    mean *= part.inv_w.reshape(shape)
+    v -= np.take(mean, part.prep.ix.star, axis=0)
+    v *= part.wu.reshape(shape)
+    y = np.asarray(part.C.T @ v)
     if part.layout.n_anchor:
-        rp = part.wp.reshape(shape) * (vp - mean)
+        rp = wp * (vp - mean)
         y[-1] += (part.colp.reshape(shape) * rp).sum(axis=0)
     return y
 
@@ -342,6 +401,7 @@ def _noise_rhs(part: _Part, seed: int, k: int) -> np.ndarray:
     solution's is ``S^-1``. Seeded by partition, whatever the partition order."""
     rng = np.random.default_rng([seed, part.index])
     wu = part.wu
+    assert wu is not None
     eps = rng.standard_normal((len(wu), k)) / np.sqrt(np.where(wu > 0, wu, 1.0))[:, None]
     epsp = (
         rng.standard_normal((part.layout.n_star, k))
@@ -357,8 +417,7 @@ def _star_magnitudes(part: _Part, p: np.ndarray) -> tuple[np.ndarray, np.ndarray
     v = np.where(part.used, part.prep.mag, 0.0) + np.asarray(part.C @ x)
     D = part.D_obs + part.wp
     num = _star_sums(part, v) + part.wp * (part.mref + _anchor_values(part, x))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(D > 0, num / D, np.nan), D
+    return np.where(D > 0, num * part.inv_w, np.nan), D
 
 
 @dataclass(frozen=True)
@@ -387,9 +446,10 @@ def _blocks(part: _Part) -> _Blocks:
     lay = part.layout
     opt = lay.options
     wu = part.wu
+    assert wu is not None
+    assert part.inv_w is not None
     star = part.prep.ix.star
-    D = part.D_obs + part.wp
-    inv_d = np.divide(1.0, D, out=np.zeros_like(D), where=D > 0)
+    inv_d = part.inv_w
     npp, nz, n_exp = lay.n_param, lay.n_zp, len(lay.expids)
     C = part.C.tocoo()
     # A_pp diagonal and the per-(star, parameter) sums a_sj = sum w c: the
@@ -565,7 +625,10 @@ def _pass(part: _Part, p: np.ndarray | None, final: bool) -> tuple[_Part, _PassS
         out = dataclasses.replace(
             out, rhs=_rhs(part), blocks=_blocks(part), components=_components(part)
         )
-    return dataclasses.replace(part, stats=stats, newly=newly), out
+    # The partition keeps its stars' statistics only: the QA histograms (one
+    # per map pixel and residual bin, ~80 MB) go into the sum and nowhere else.
+    kept = dataclasses.replace(stats, qa_hist=np.zeros((0, 0), dtype=np.int64))
+    return dataclasses.replace(part, stats=kept, newly=newly), out
 
 
 # --- the driver ---------------------------------------------------------------------
@@ -593,7 +656,7 @@ class _BlockJacobi:
         nzq = layout.n_zp // max(n_exp, 1)
         bx = by = np.zeros((n_exp, nzq))
         ginv = None
-        if layout.options.exposure_gradient and kind == "block_jacobi":
+        if layout.options.exposure_gradient and kind != "jacobi":
             g0 = layout.gradient_start
             pd = P.diagonal()[g0 : g0 + 2 * n_exp].reshape(n_exp, 2)
             dz = inv_d[: layout.n_zp].reshape(n_exp, nzq)
@@ -635,24 +698,159 @@ class _BlockJacobi:
         out[: lay.n_zp] = (yz - bx * yg[:, :1] - by * yg[:, 1:2]).reshape(r[: lay.n_zp].shape)
         return out
 
-    def diagonal(self) -> np.ndarray:
-        """``diag(M^-1)`` (exact: the control variate of the error estimate)."""
-        d = self.inv_d.copy()
-        if self.ginv is None:
-            return d
-        lay = self.layout
-        n_exp, _nzq = self.bx.shape
-        g0 = lay.gradient_start
-        d[g0 : g0 + 2 * n_exp] = np.stack([self.ginv[:, 0, 0], self.ginv[:, 1, 1]], axis=1).ravel()
-        # zero point i: 1/d_i + b_i^T G^-1 b_i with b_i = (bx_i, by_i).
-        gi = self.ginv
-        q = (
-            self.bx**2 * gi[:, :1, 0]
-            + 2 * self.bx * self.by * gi[:, :1, 1]
-            + self.by**2 * gi[:, 1:2, 1]
+
+class _TwoLevel:
+    """Block Jacobi plus an additive coarse correction on the modes it cannot
+    see: ``M^-1 r = B^-1 r + Z E^-1 Z^T r`` with ``E = Z^T A Z`` (Galerkin),
+    ``A`` the operator being solved and ``Z`` the coarse space: the near-null
+    directions of the reduced system (:func:`_coarse_basis`, ``'two_level'``),
+    and with ``'two_level_exposures'`` also one aggregate per exposure (all its
+    zero points together: the smooth, footprint-wide modes of the zero-point
+    graph, which a block-diagonal preconditioner leaves to ever more
+    iterations as the footprint grows).
+
+    ``E`` on the near-null directions costs one product per direction (in
+    blocks, one multi-right-hand-side product each); on the exposure aggregates
+    it is summed from the partitions exactly (``diag(W) - B D^-1 B^T``, ``B``
+    the exposure-star weights), a sparse matrix factorised once, the rest
+    eliminated onto the few near-null directions. Both are computed once and
+    kept through the outlier passes while the free parameters stay the same:
+    the selection changes a few observations per pass, and a preconditioner only
+    has to be close."""
+
+    def __init__(
+        self,
+        smoother: _BlockJacobi,
+        free: np.ndarray,
+        coarse: _Coarse,
+    ) -> None:
+        self.smoother = smoother
+        self.free = free
+        self.coarse = coarse
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        return self.smoother(r) + self.coarse(r)
+
+
+@dataclass(frozen=True)
+class _Coarse:
+    """The coarse correction ``Z E^-1 Z^T r`` of :class:`_TwoLevel`: ``Zg`` the
+    near-null directions, ``Ze`` the exposure aggregates (free zero points of
+    each exposure), ``Ee`` their factorised block, ``Eeg`` its coupling to the
+    directions, ``Sc_inv`` the inverse of the directions' block once the
+    exposures are eliminated."""
+
+    Zg: sp.csc_matrix
+    Sc_inv: np.ndarray
+    Ze: sp.csc_matrix | None = None
+    Ee: Any = None  # scipy.sparse.linalg.SuperLU
+    Eeg: np.ndarray | None = None
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        rg = np.asarray(self.Zg.T @ r)
+        if self.Ze is None:
+            return np.asarray(self.Zg @ (self.Sc_inv @ rg))
+        assert self.Eeg is not None
+        ye = self.Ee.solve(np.asarray(self.Ze.T @ r))
+        cg = self.Sc_inv @ (rg - self.Eeg.T @ ye)
+        ce = ye - self.Ee.solve(self.Eeg @ cg)
+        return np.asarray(self.Zg @ cg) + np.asarray(self.Ze @ ce)
+
+    @classmethod
+    def build(
+        cls,
+        layout: UbercalLayout,
+        free: np.ndarray,
+        apply: Callable[[np.ndarray], np.ndarray],
+        parts: Partitions | None,
+        block: int = 16,
+    ) -> _Coarse:
+        Z = _coarse_basis(layout, free)
+        AZ = np.concatenate(
+            [apply(Z[:, i : i + block].toarray()) for i in range(0, Z.shape[1], block)]
+            or [np.zeros((layout.n_param, 0))],
+            axis=1,
         )
-        d[: lay.n_zp] += q.ravel()
-        return d
+        Egg = np.asarray(Z.T @ AZ)
+        Egg = 0.5 * (Egg + Egg.T)
+        if parts is None:
+            return cls(Z, np.linalg.pinv(Egg, rcond=1e-12, hermitian=True))
+        nz, n_exp = layout.n_zp, len(layout.expids)
+        exp_of_zp = np.arange(nz) // (
+            layout.n_q if layout.options.zp_mode == "exposure_quadrant" else 1
+        )
+        ze = np.where(free[:nz], exp_of_zp, -1)
+        zi = np.flatnonzero(ze >= 0)
+        Ze = sp.csc_matrix((np.ones(len(zi)), (zi, ze[zi])), shape=(layout.n_param, n_exp))
+        Ee = parts.map_reduce(functools.partial(_exposure_block, ze=ze, n_exp=n_exp)).tocsc()
+        Eeg = np.asarray(Ze.T @ AZ)
+        # Exposures without a free zero point: identity rows (never reached by r).
+        empty = np.flatnonzero(Ee.diagonal() <= 0)
+        Ee = (Ee + sp.csc_matrix((np.ones(len(empty)), (empty, empty)), shape=Ee.shape)).tocsc()
+        lu = scipy.sparse.linalg.splu(Ee)
+        Sc = Egg - Eeg.T @ lu.solve(Eeg)
+        Sc = 0.5 * (Sc + Sc.T)
+        return cls(Z, np.linalg.pinv(Sc, rcond=1e-12, hermitian=True), Ze, lu, Eeg)
+
+
+def _exposure_block(part: _Part, ze: np.ndarray, n_exp: int) -> sp.csr_matrix:
+    """This partition's ``Z_e^T S Z_e`` on the exposure aggregates: per
+    exposure the weights of its observations in use, less their star-mean
+    projections ``B D^-1 B^T`` (``B``: weight of each exposure-star pair)."""
+    assert part.wu is not None
+    assert part.inv_w is not None
+    zp = part.C.indices[part.C.indptr[:-1]]  # the first column of a row is its zero point
+    e = ze[zp]
+    k = np.flatnonzero((part.wu > 0) & (e >= 0))
+    star = part.prep.ix.star[k]
+    w = part.wu[k]
+    n_s = part.layout.n_star
+    B = sp.csr_matrix((w, (e[k], star)), shape=(n_exp, n_s))
+    W = sp.diags(np.bincount(e[k], weights=w, minlength=n_exp))
+    return (W - B @ sp.diags(part.inv_w) @ B.T).tocsr()
+
+
+def _coarse_basis(layout: UbercalLayout, free: np.ndarray) -> sp.csc_matrix:
+    """Directions the data leave (almost) free and that a block-diagonal
+    preconditioner cannot correct, restricted to the free parameters, one
+    column each (empty columns dropped):
+
+    * per quadrant (per focal plane with per-exposure zero points), its zero
+      points up and its cells down by the same amount: an exact null direction
+      of ``S``, fixed only by the cell prior;
+    * the mean exposure gradient (x, y) against a tilt of every quadrant's
+      starflat: told apart only by the variation within cells.
+    """
+    opt = layout.options
+    nz, nq = layout.n_zp, layout.n_q
+    rows: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    if opt.starflat:
+        ncell = layout.n_cell_per_q
+        cells = layout.n_zp + np.arange(layout.n_cell).reshape(nq, ncell)
+        if opt.zp_mode == "exposure_quadrant":
+            zps = np.arange(nz).reshape(-1, nq).T  # (nq, n_exp)
+            groups = [(zps[q], cells[q]) for q in range(nq)]
+        else:
+            groups = [(np.arange(nz), cells.ravel())]
+        for z, c in groups:
+            rows.append(np.concatenate([z, c]))
+            vals.append(np.concatenate([np.ones(len(z)), -np.ones(len(c))]))
+        if opt.exposure_gradient:
+            ncy, ncx = opt.grid
+            g0, n_exp = layout.gradient_start, len(layout.expids)
+            fx = np.tile((np.arange(ncx) + 0.5) / ncx - 0.5, ncy)
+            fy = np.repeat((np.arange(ncy) + 0.5) / ncy - 0.5, ncx)
+            for axis, f in ((0, fx), (1, fy)):
+                rows.append(np.concatenate([g0 + 2 * np.arange(n_exp) + axis, cells.ravel()]))
+                vals.append(np.concatenate([np.ones(n_exp), -np.tile(f, nq)]))
+    cols = [np.full(len(r), i) for i, r in enumerate(rows)]
+    if not rows:
+        return sp.csc_matrix((layout.n_param, 0))
+    r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    keep = free[r]
+    Z = sp.csc_matrix((v[keep], (r[keep], c[keep])), shape=(layout.n_param, len(rows)))
+    return Z[:, np.flatnonzero(np.diff(Z.indptr) > 0)]
 
 
 def _pcg(
@@ -717,7 +915,7 @@ class IterativeResult:
     mean_zp_err: float
     passes: int
     converged: bool
-    cg_iterations: int
+    cg_iterations: tuple[int, ...]  # per solve, the error estimate's last
     method: str
 
 
@@ -725,44 +923,51 @@ def solve_iterative(source: ObservationSource, layout: UbercalLayout) -> Iterati
     """The outlier passes around the matrix-free solver (module docstring)."""
     opt = layout.options
     n_obs = source.map_reduce(len)
-    n_parts = max(1, math.ceil(n_obs / opt.partition_obs))
-    parts = partition(source, layout, n_parts)
+    # At least one partition per thread once there is enough to share.
+    n_parts = max(1, math.ceil(n_obs / opt.partition_obs), min(opt.threads, n_obs // 250_000))
+    parts = partition(source, layout, n_parts, threads=opt.threads)
     P = parameter_prior(layout)
     p: np.ndarray | None = None
     x = np.zeros(layout.n_param)
-    passes = cg_total = 0
+    passes = 0
+    cg: list[int] = []  # iterations of each solve
     converged = False
     solved = None
     while True:
         final = passes + 1 > opt.max_iterations
-        step = parts.map(functools.partial(_pass, p=p, final=final))
-        sums: _PassSums = step.map_reduce(operator.itemgetter(1))
-        parts = step.map(operator.itemgetter(0))
+        parts, sums = parts.map_sum(functools.partial(_pass, p=p, final=final))
         passes += 1
         counts = sums.stats.counts
+        if solved is None:
+            _require_usable(counts)
         if solved is not None:
             changed = counts["n_changed"]
             if not sums.n_newly and changed <= opt.clip_tolerance * counts["n_good"]:
                 converged = True
                 if changed and sums.rhs is not None:
-                    solved = _solve_pass(parts, layout, sums, P, x)
-                    cg_total += solved[3]
+                    solved = _solve_pass(parts, layout, sums, P, x, solved[2][3])
+                    cg.append(solved[3])
                 break
         if final:
             break
-        solved = _solve_pass(parts, layout, sums, P, x)
+        solved = _solve_pass(parts, layout, sums, P, x, solved[2][3] if solved else None)
         x, p = solved[0], solved[1]
-        cg_total += solved[3]
+        cg.append(solved[3])
     if solved is None:
         raise UbercalError("max_iterations left no pass to solve")
     x, p, (active, free, flags, precond), _ = solved
     return _result(
-        parts, layout, sums, x, p, active, free, flags, precond, P, passes, converged, cg_total
+        parts, layout, sums, x, p, active, free, flags, precond, P, passes, converged, cg
     )
 
 
 def _solve_pass(
-    parts: Partitions, layout: UbercalLayout, sums: _PassSums, P: sp.csr_matrix, x0: np.ndarray
+    parts: Partitions,
+    layout: UbercalLayout,
+    sums: _PassSums,
+    P: sp.csr_matrix,
+    x0: np.ndarray,
+    previous: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple, int]:
     opt = layout.options
     blocks = sums.blocks
@@ -777,8 +982,8 @@ def _solve_pass(
         raise UbercalError("no zero point is constrained: no star is observed twice")
     _check_components(sums.components, layout, active)
     free = active & ~_gauge_pins(layout, active, diag_s + diag_p)
-    precond = _BlockJacobi.build(layout, blocks, P, free, opt.preconditioner)
     apply = _masked_operator(parts, P, free)
+    precond = _preconditioner(layout, blocks, P, free, apply, parts, previous)
     b = np.where(free, sums.rhs, 0.0)
     x, it = _pcg(
         apply,
@@ -790,6 +995,27 @@ def _solve_pass(
     )
     p = np.where(active, x, np.nan)
     return x, p, (active, free, prior_dominated(diag_s, P), precond), it
+
+
+def _preconditioner(
+    layout: UbercalLayout,
+    blocks: _Blocks,
+    P: sp.csr_matrix,
+    free: np.ndarray,
+    apply: Callable[[np.ndarray], np.ndarray],
+    parts: Partitions,
+    previous: Any = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The ``preconditioner`` of the options (docs/ubercal.md has the
+    measurements); the coarse part of ``previous`` is kept when it fits."""
+    kind = layout.options.preconditioner
+    smoother = _BlockJacobi.build(layout, blocks, P, free, kind)
+    if kind not in ("two_level", "two_level_exposures"):
+        return smoother
+    if isinstance(previous, _TwoLevel) and np.array_equal(previous.free, free):
+        return _TwoLevel(smoother, free, previous.coarse)
+    coarse = _Coarse.build(layout, free, apply, parts if kind == "two_level_exposures" else None)
+    return _TwoLevel(smoother, free, coarse)
 
 
 def _masked_operator(
@@ -894,11 +1120,11 @@ def _result(
     active: np.ndarray,
     free: np.ndarray,
     flags: np.ndarray,
-    precond: _BlockJacobi,
+    precond: Callable[[np.ndarray], np.ndarray],
     P: sp.csr_matrix,
     passes: int,
     converged: bool,
-    cg_total: int,
+    cg: list[int],
 ) -> IterativeResult:
     opt = layout.options
     k = opt.error_samples if opt.compute_errors else 0
@@ -921,7 +1147,7 @@ def _result(
             tol=opt.error_cg_tolerance,
             max_iter=opt.cg_max_iterations,
         )
-        cg_total += it
+        cg.append(it)
         tx = _gauge_transform(samples, layout, active, centre_zp=False)
         zp_act = active[: layout.n_zp]
         mean_zp_err = float(np.std(tx[: layout.n_zp][zp_act].mean(axis=0), ddof=1))
@@ -950,6 +1176,6 @@ def _result(
         mean_zp_err=mean_zp_err,
         passes=passes,
         converged=converged,
-        cg_iterations=cg_total,
+        cg_iterations=tuple(cg),
         method=f"pcg-{opt.preconditioner}",
     )

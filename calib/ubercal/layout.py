@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib.starflat import cell_index
+from calib.ubercal.errors import UbercalError
 from calib.ubercal.observations import (
     ObservationChunk,
     ObservationSource,
@@ -178,11 +179,20 @@ def build_layout(
     reference : ReferenceStars, optional
         Anchor magnitudes and colours.
     options : UbercalOptions, optional
+
+    Raises
+    ------
+    UbercalError
+        If ``source`` holds no observation.
     """
     opts = options or UbercalOptions()
     if quad_nx < 1 or quad_ny < 1:
         raise ValueError(f"quad_nx and quad_ny must be positive, got {quad_nx}, {quad_ny}")
     ids = source.map_reduce(_chunk_ids)
+    if not (len(ids.expid) and len(ids.source_id)):
+        raise UbercalError(
+            "observations: none to fit (no observation names an exposure, a quadrant and a star)"
+        )
     opts, sizing = size_model(source, ids, quad_nx=quad_nx, quad_ny=quad_ny, options=opts)
     n = len(ids.source_id)
     ref_mag = np.full(n, np.nan)

@@ -88,10 +88,15 @@ class UbercalOptions:
         this fraction of the right-hand side's.
     cg_max_iterations : int
         Iterative solver: most iterations per solve.
-    preconditioner : {'block_jacobi', 'jacobi'}
+    preconditioner : {'block_jacobi', 'jacobi', 'two_level', 'two_level_exposures'}
         Iterative solver: exact diagonal blocks of the Schur complement per
-        exposure (its zero points and gradients) and per quadrant (its cells),
-        or its diagonal only (docs/ubercal.md has the measurements).
+        exposure (its zero points and gradients), the diagonal elsewhere; or the
+        diagonal only; or the blocks plus a coarse correction on the directions
+        the data leave almost free (per quadrant its zero points against its
+        cells, the mean exposure gradient against a starflat tilt), and with
+        ``'two_level_exposures'`` one coarse unknown per exposure as well (all
+        its zero points: the footprint-wide modes); docs/ubercal.md has the
+        measurements.
     partition_obs : int
         Iterative solver: observations per star-complete partition (every
         observation of a star in one partition, so that the star block is
@@ -125,8 +130,9 @@ class UbercalOptions:
     error_samples : int
         Random draws used to estimate errors where they are not computed exactly
         (all parameters on the sparse path; the zero-point part of star errors);
-        on the iterative path, Rademacher probes of the stochastic diagonal
-        estimate (:mod:`calib.ubercal.iterative`).
+        on the iterative path, solutions for simulated data noise through the
+        same solver (a variance to ``sqrt(2 / error_samples)``;
+        :mod:`calib.ubercal.iterative`).
     chunk_size : int
         Observations per chunk when the input is one in-memory table.
     qa_cells : (int, int)
@@ -162,7 +168,9 @@ class UbercalOptions:
     dense_max_params: int = 8000
     cg_tolerance: float = 1e-9
     cg_max_iterations: int = 3000
-    preconditioner: Literal["block_jacobi", "jacobi"] = "block_jacobi"
+    preconditioner: Literal["block_jacobi", "jacobi", "two_level", "two_level_exposures"] = (
+        "two_level_exposures"
+    )
     partition_obs: int = 2_000_000
     error_cg_tolerance: float = 1e-3
     anchor: Literal["prior", "offset"] = "prior"
@@ -186,9 +194,15 @@ class UbercalOptions:
             raise ValueError(
                 f"solver must be 'auto', 'dense', 'sparse' or 'iterative', got {self.solver!r}"
             )
-        if self.preconditioner not in ("block_jacobi", "jacobi"):
+        if self.preconditioner not in (
+            "block_jacobi",
+            "jacobi",
+            "two_level",
+            "two_level_exposures",
+        ):
             raise ValueError(
-                f"preconditioner must be 'block_jacobi' or 'jacobi', got {self.preconditioner!r}"
+                "preconditioner must be 'block_jacobi', 'jacobi', 'two_level' or "
+                f"'two_level_exposures', got {self.preconditioner!r}"
             )
         if isinstance(self.cells, list):  # from JSON (pydantic, attrs)
             object.__setattr__(self, "cells", tuple(self.cells))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calib.ubercal.errors import UbercalError
 from calib.ubercal.layout import UbercalLayout
 from calib.ubercal.normal import NormalEquations, _normal_equations, _prepare, _Prepared
 from calib.ubercal.observations import ObservationChunk
@@ -266,3 +267,13 @@ def _rejected_stars(stats: _PassStatistics, sigma: float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (np.cbrt(np.maximum(chi2, 0.0) / k) - (1 - 2 / (9 * k))) / np.sqrt(2 / (9 * k))
     return ok & (z > sigma)
+
+
+def _require_usable(counts: dict[str, float]) -> None:
+    """Refuse a first pass that found nothing to fit (every observation flagged,
+    non-finite or without a positive error)."""
+    if not counts["n_good"]:
+        raise UbercalError(
+            f"observations: none of the {int(counts['n_obs']):,} is usable (flags 0, finite "
+            "mag_inst and a positive mag_inst_err are needed)"
+        )

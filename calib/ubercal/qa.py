@@ -56,6 +56,8 @@ class FitStatistics:
     n_anchor_stars : int
     cg_iterations : int
         Conjugate-gradient iterations over all passes (iterative solver; 0 else).
+    cg_iterations_per_solve : tuple of int
+        The same per solve, in order; the error estimate's solve last.
     """
 
     chi2: float
@@ -75,6 +77,7 @@ class FitStatistics:
     anchor_offset_err_mag: float
     n_anchor_stars: int
     cg_iterations: int = 0
+    cg_iterations_per_solve: tuple[int, ...] = ()
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,6 +3,7 @@ gauge with its errors and QA; the standalone starflat fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from calib.ubercal.observations import (
     _lookup,
 )
 from calib.ubercal.options import UbercalOptions
-from calib.ubercal.outliers import _PassState, _PassStatistics, _rejected_stars, _run_pass
+from calib.ubercal.outliers import (
+    _PassState,
+    _PassStatistics,
+    _rejected_stars,
+    _require_usable,
+    _run_pass,
+)
 from calib.ubercal.priors import parameter_prior, prior_rows
 from calib.ubercal.qa import FitStatistics, UbercalQA, _qa
 from calib.ubercal.sizing import ModelSizing
@@ -183,7 +190,7 @@ def _finish_iterative(res: IterativeResult, layout: UbercalLayout) -> UbercalSol
     star_err = np.sqrt(inv_d + res.star_var_p)
     fit_stats = _fit_statistics(
         layout,
-        {**res.stats.counts, "cg_iterations": res.cg_iterations},
+        {**res.stats.counts, "cg_iterations": sum(res.cg_iterations)},
         chi2_prior=chi2_prior + _parameter_prior_chi2(layout, res.p_solve),
         n_anchor=n_anchor,
         n_star_fitted=int(np.count_nonzero(w > 0)),
@@ -194,6 +201,7 @@ def _finish_iterative(res: IterativeResult, layout: UbercalLayout) -> UbercalSol
         method=res.method,
         offset=(offset, offset_err),
     )
+    fit_stats = dataclasses.replace(fit_stats, cg_iterations_per_solve=res.cg_iterations)
     return _assemble(
         layout,
         p=p,
@@ -242,6 +250,7 @@ def _iterate(source: ObservationSource, layout: UbercalLayout) -> UbercalSolutio
             break
         delta = cast(NormalEquations, result.delta)
         if ne is None:
+            _require_usable(stats.counts)
             # The anchor stars are chosen once, from all usable observations: a
             # set that followed the clipping would feed back into it (a star at
             # the error threshold moving in and out at every pass).

@@ -24,6 +24,15 @@ TRANSIENTS = "transients"
 """Parent of ``transients/<night>``."""
 LIGHTCURVES = "lightcurves"
 """Parent of ``lightcurves/<name>`` (scene-modelling photometry of a transient)."""
+LIGHTCURVES_FORCED = "lightcurves_forced"
+"""Parent of ``lightcurves_forced/<name>`` (forced photometry on difference images)."""
+FLATS = "masters/flat"
+"""Parent of ``masters/flat/<band>`` (one child per band)."""
+
+UNKNOWN_NIGHT = "unknown-night"
+"""The night of raw files (``index/unknown-night``) and ingested rows
+(``nights/unknown-night/rejected``) whose observing night cannot be read: never
+a calendar night, so stages and the report's night list leave it out."""
 
 
 def index(night: str) -> str:
@@ -38,7 +47,7 @@ def bias(period: str) -> str:
 
 def flats(band: str) -> str:
     """``masters/flat/<band>``: parent of the band's master flats."""
-    return f"masters/flat/{band}"
+    return f"{FLATS}/{band}"
 
 
 def flat(band: str, period: str) -> str:
@@ -71,9 +80,15 @@ def rejected(night_: str) -> str:
     return f"{night(night_)}/rejected"
 
 
+def kept_reduced(night_: str) -> str:
+    """``nights/<night>/reduced``: parent of the night's kept reduced exposures."""
+    return f"{night(night_)}/reduced"
+
+
 def reduced(night_: str, expid: int) -> str:
-    """``nights/<night>/reduced/<expid>``: a reduced (fluence) image, when kept."""
-    return f"{night(night_)}/reduced/{expid}"
+    """``nights/<night>/reduced/<expid>``: a reduced exposure (fluence, variance,
+    mask, WCS), when kept."""
+    return f"{kept_reduced(night_)}/{int(expid)}"
 
 
 def ubercal(band: str) -> str:
@@ -99,3 +114,9 @@ def transients(night_: str) -> str:
 def lightcurve(name: str) -> str:
     """``lightcurves/<name>``: per-epoch scene-modelling photometry of one object."""
     return f"{LIGHTCURVES}/{name}"
+
+
+def lightcurve_forced(name: str) -> str:
+    """``lightcurves_forced/<name>``: the same object's forced photometry on
+    difference images, calibrated the same way."""
+    return f"{LIGHTCURVES_FORCED}/{name}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ LEASE_S = 3600.0
 (``PHOTOCAL_STORE_LEASE_S`` overrides)."""
 UNSAFE_IN_PLACE_ENV = "PHOTOCAL_UNSAFE_STORE_IN_PLACE"
 STORAGE_OPTIONS_ENV = "PHOTOCAL_STORAGE_OPTIONS"
+STORE_CONFIG_ENV = "PHOTOCAL_STORE_CONFIG"
 _CAS_ATTEMPTS = 200
 
 
@@ -58,21 +60,55 @@ class StoreConflictError(RuntimeError):
 
 
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec storage options for ``url``: the JSON object in
-    ``PHOTOCAL_STORAGE_OPTIONS`` (e.g. ``{"endpoint_url": ..., "key": ...}``),
-    or none, in which case s3fs takes credentials, region and endpoint the
-    standard way (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, profiles, instance roles)."""
+    """fsspec storage options for ``url``: the configuration file's ``[store]``
+    table (:func:`use_store_config`; endpoint, region, credentials from the
+    environment variables it names), updated by the JSON object in
+    ``PHOTOCAL_STORAGE_OPTIONS`` (e.g. ``{"endpoint_url": ..., "key": ...}``).
+    With neither, s3fs takes credentials, region and endpoint the standard way
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+    ``AWS_ENDPOINT_URL``, profiles, instance roles)."""
+    opts = _configured_options()
     text = os.environ.get(STORAGE_OPTIONS_ENV, "").strip()
     if not text:
-        return {}
+        return opts
     try:
-        opts = json.loads(text)
+        given = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{STORAGE_OPTIONS_ENV} is not valid JSON: {err}") from None
-    if not isinstance(opts, dict):
-        raise ValueError(f"{STORAGE_OPTIONS_ENV} must be a JSON object, got {type(opts).__name__}")
-    return opts
+    if not isinstance(given, dict):
+        raise ValueError(f"{STORAGE_OPTIONS_ENV} must be a JSON object, got {type(given).__name__}")
+    return {**opts, **given}
+
+
+def use_store_config(config: Any) -> None:
+    """Reach object stores as the configuration's ``[store]`` table says (a
+    :class:`tasks.config.StoreConfig`), in this process and in the ones it
+    starts from now on (local Dask workers, Slurm jobs, which inherit the
+    environment): the table goes into ``PHOTOCAL_STORE_CONFIG`` as JSON, with
+    the *names* of the credential variables, not their values, and each process
+    resolves it. Its faults (a named variable not set) are raised here, before
+    anything runs."""
+    config.fsspec_options()
+    values = config.model_dump(mode="json", exclude_defaults=True)
+    if values:
+        os.environ[STORE_CONFIG_ENV] = json.dumps(values, sort_keys=True)
+    else:
+        os.environ.pop(STORE_CONFIG_ENV, None)
+
+
+def _configured_options() -> dict[str, Any]:
+    text = os.environ.get(STORE_CONFIG_ENV, "").strip()
+    return _store_config(text).fsspec_options() if text else {}
+
+
+@functools.lru_cache(maxsize=8)
+def _store_config(text: str) -> Any:
+    from tasks.config import ConfigError, StoreConfig
+
+    try:
+        return StoreConfig.model_validate_json(text)
+    except ValueError as err:
+        raise ConfigError(STORE_CONFIG_ENV, [str(err)]) from None
 
 
 def unsafe_in_place() -> bool:
@@ -415,9 +451,11 @@ _STORES: dict[tuple[str, str], ObjectStore] = {}
 
 
 def object_store(url: str) -> ObjectStore:
-    """The (per process, cached) ObjectStore of ``url``."""
-    key = (str(url).rstrip("/"), os.environ.get(STORAGE_OPTIONS_ENV, ""))
+    """The (per process, cached) ObjectStore of ``url``, one per set of storage
+    options (a new ``[store]`` table or credentials make a new one)."""
+    url = str(url).rstrip("/")
+    key = (url, json.dumps(storage_options(url), sort_keys=True, default=str))
     store = _STORES.get(key)
     if store is None:
-        store = _STORES[key] = ObjectStore(key[0])
+        store = _STORES[key] = ObjectStore(url)
     return store

@@ -31,6 +31,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from calib.reduce import ReducedQuadrant
+from tasks.io import groups
 from tasks.io.store import StoreError, group_exists, list_children, list_groups, write_group
 
 __all__ = [
@@ -105,7 +106,7 @@ def write_reduced(
     attrs: dict[str, Any] | None = None,
 ) -> str:
     """Write ``nights/<night>/reduced/<expid>``; returns the group name."""
-    group = f"nights/{night}/reduced/{int(expid)}"
+    group = groups.reduced(night, expid)
     write_group(store, group, reduced_dataset(kept), attrs=attrs)
     return group
 
@@ -147,7 +148,7 @@ class ReducedExposure:
 
 def open_reduced(store: str | os.PathLike, night: str, expid: int) -> ReducedExposure:
     """Open ``nights/<night>/reduced/<expid>`` lazily."""
-    group = f"nights/{night}/reduced/{int(expid)}"
+    group = groups.reduced(night, expid)
     if not group_exists(store, group):
         raise StoreError(f"{store}: group {group!r} is missing or incomplete")
     # Lazily indexed without dask: a stamp read inside a task on a Dask worker
@@ -165,8 +166,8 @@ def open_reduced(store: str | os.PathLike, night: str, expid: int) -> ReducedExp
 def reduced_exposures(store: str | os.PathLike, nights: list[str] | None = None):
     """(night, expid) of every complete kept exposure, by night then expid."""
     out = []
-    for night in list_children(store, "nights"):
+    for night in list_children(store, groups.NIGHTS):
         if nights is not None and night not in nights:
             continue
-        out += [(night, int(e)) for e in list_groups(store, f"nights/{night}/reduced")]
+        out += [(night, int(e)) for e in list_groups(store, groups.kept_reduced(night))]
     return sorted(out)

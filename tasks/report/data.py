@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 import xarray as xr
 
-from tasks.index import UNKNOWN_NIGHT
 from tasks.io import groups
 from tasks.io.store import group_exists, list_children, list_groups, read_group
 
@@ -200,6 +200,19 @@ class LightCurve:
     flags: np.ndarray
     in_night: np.ndarray
     """Epochs taken in the report's night (all False on the index page)."""
+    forced_flux_njy: np.ndarray
+    forced_flux_njy_err: np.ndarray
+    """The same epochs by forced photometry on difference images
+    (``lightcurves_forced/<name>``), NaN where it has none."""
+
+    @property
+    def measured(self) -> int:
+        """Epochs with a scene-model flux."""
+        return int(np.count_nonzero(np.isfinite(self.flux_njy)))
+
+    @property
+    def has_forced(self) -> bool:
+        return bool(np.isfinite(self.forced_flux_njy).any())
 
 
 @dataclass(frozen=True)
@@ -223,7 +236,7 @@ class NightQA:
 def report_nights(store: str | os.PathLike) -> list[str]:
     """Nights with an index or night groups, in order (files of unknown night excluded)."""
     found = set(list_groups(store, groups.INDEX)) | set(list_children(store, groups.NIGHTS))
-    found.discard(UNKNOWN_NIGHT)
+    found.discard(groups.UNKNOWN_NIGHT)
     return sorted(found)
 
 
@@ -411,7 +424,7 @@ def master_trends(store: str | os.PathLike) -> MasterTrends:
             )
         )
     flats: dict[str, tuple[PeriodTrend, ...]] = {}
-    for band in list_children(store, "masters/flat"):
+    for band in list_children(store, groups.FLATS):
         rows = []
         for period in list_groups(store, groups.flats(band)):
             s = read_group(store, groups.flat(band, period), load=False).attrs.get("summary", {})
@@ -575,21 +588,44 @@ LIGHTCURVE_VARIABLES = (
 """What a ``lightcurves/<name>`` group holds per epoch (BRIEF §4)."""
 
 
-def light_curves(store: str | os.PathLike, night: str | None = None) -> tuple[LightCurve, ...]:
+def _read_light_curve(store: str | os.PathLike, group: str) -> dict[str, np.ndarray]:
+    ds = read_group(store, group)
+    missing = [v for v in LIGHTCURVE_VARIABLES if v not in ds.variables]
+    if missing:
+        raise ValueError(f"{group}: missing {missing} (BRIEF §4)")
+    return {v: ds[v].values for v in LIGHTCURVE_VARIABLES}
+
+
+def _forced_fluxes(
+    store: str | os.PathLike, name: str, expid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``lightcurves_forced/<name>``'s flux and error at the epochs ``expid``."""
+    flux = np.full(len(expid), np.nan)
+    err = np.full(len(expid), np.nan)
+    if group_exists(store, groups.lightcurve_forced(name)):
+        forced = _read_light_curve(store, groups.lightcurve_forced(name))
+        row = {int(e): i for i, e in enumerate(forced["expid"])}
+        for i, e in enumerate(expid.tolist()):
+            if int(e) in row:
+                flux[i] = forced["flux_njy"][row[int(e)]]
+                err[i] = forced["flux_njy_err"][row[int(e)]]
+    return flux, err
+
+
+def light_curves(
+    store: str | os.PathLike, night: str | None = None, *, names: Sequence[str] | None = None
+) -> tuple[LightCurve, ...]:
     """Every light curve (``night=None``), or those with an epoch in ``night``:
     an exposure of the night, or an MJD within the night's files when it has
-    no exposures group."""
-    names = list_groups(store, groups.LIGHTCURVES)
+    no exposures group; ``names`` picks objects."""
+    found = list_groups(store, groups.LIGHTCURVES)
+    names = found if names is None else [n for n in names if n in found]
     if not names:
         return ()
     expids, mjd_range = _night_epochs(store, night) if night else (None, None)
     out = []
     for name in names:
-        ds = read_group(store, groups.lightcurve(name))
-        missing = [v for v in LIGHTCURVE_VARIABLES if v not in ds.variables]
-        if missing:
-            raise ValueError(f"{groups.lightcurve(name)}: missing {missing} (BRIEF §4)")
-        lc = {v: ds[v].values for v in LIGHTCURVE_VARIABLES}
+        lc = _read_light_curve(store, groups.lightcurve(name))
         in_night = np.zeros(len(lc["mjd"]), dtype=bool)
         if expids is not None:
             in_night = np.isin(lc["expid"], expids)
@@ -598,6 +634,7 @@ def light_curves(store: str | os.PathLike, night: str | None = None) -> tuple[Li
         if night and not in_night.any():
             continue
         order = np.argsort(lc["mjd"], kind="stable")
+        forced, forced_err = _forced_fluxes(store, name, lc["expid"][order])
         out.append(
             LightCurve(
                 name=name,
@@ -610,6 +647,8 @@ def light_curves(store: str | os.PathLike, night: str | None = None) -> tuple[Li
                 flux_njy_err=lc["flux_njy_err"][order].astype(float),
                 flags=lc["flags"][order].astype(np.int64),
                 in_night=in_night[order],
+                forced_flux_njy=forced,
+                forced_flux_njy_err=forced_err,
             )
         )
     return tuple(out)
@@ -632,7 +671,12 @@ def _night_epochs(
 
 
 def night_qa(store: str | os.PathLike, night: str) -> NightQA:
-    """Everything the report shows about ``night``."""
+    """Everything the report shows about ``night``; of the files whose night is
+    unknown (:data:`~tasks.io.groups.UNKNOWN_NIGHT`) only the files: nothing else
+    belongs to them, and the name, compared as a date, would pick the latest
+    masters period."""
+    if night == groups.UNKNOWN_NIGHT:
+        return NightQA(night, night_files(store, night), None, (), None, (), None, None, ())
     return NightQA(
         night=night,
         files=night_files(store, night),

@@ -310,27 +310,39 @@ def transients(t: Transients) -> bytes:
 
 
 def light_curve(lc: LightCurve) -> bytes:
-    """Magnitude against MJD per band; this night's epochs filled, others open."""
+    """Flux against MJD per band (a transient's flux goes through zero, where a
+    magnitude has none): the scene model, this night's epochs filled, and forced
+    photometry on difference images where the stage wrote it."""
     with _figure(width=6.4, height=3.6) as (fig, (ax,)):
         for band in sorted(set(lc.band)):
             b = lc.band == band
             for sel, filled, label in (
-                (b & lc.in_night, True, f"{band}, this night"),
-                (b & ~lc.in_night, False, f"{band}"),
+                (b & lc.in_night, True, f"{band} scene model, this night"),
+                (b & ~lc.in_night, False, f"{band} scene model"),
             ):
                 _errorbars(
                     ax,
                     lc.mjd[sel],
-                    lc.mag[sel],
-                    lc.mag_err[sel],
+                    lc.flux_njy[sel],
+                    lc.flux_njy_err[sel],
                     band=band,
                     marker="o",
                     label=label,
                     filled=filled,
                 )
-        ax.invert_yaxis()
+            if lc.has_forced:
+                _errorbars(
+                    ax,
+                    lc.mjd[b],
+                    lc.forced_flux_njy[b],
+                    lc.forced_flux_njy_err[b],
+                    band=band,
+                    marker="x",
+                    label=f"{band} difference image",
+                )
+        ax.axhline(0.0, color="0.6", lw=0.6)
         ax.set_xlabel("MJD [d]")
-        ax.set_ylabel("calibrated magnitude [mag]")
+        ax.set_ylabel("calibrated flux [nJy]")
         ax.set_title(f"light curve {lc.name}")
         _legend(ax, fontsize=7)
         return _png(fig)

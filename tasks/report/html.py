@@ -1,6 +1,7 @@
 """The static HTML QA report: ``DIR/index.html`` across nights and one page per
 night, each a single file with its figures embedded, so it opens from disk (or
-any static web server) with nothing else running."""
+any static web server) with nothing else running. ``DIR`` is a local folder or,
+like the store, an object-store prefix (``s3://bucket/photocal.zarr.report``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.index import UNKNOWN_NIGHT
+from tasks.io import groups
+from tasks.io.objstore import storage_options
 from tasks.io.provenance import photocal_version
+from tasks.io.store import is_local, local_path
 from tasks.report.data import (
     light_curves,
     master_trends,
@@ -62,8 +65,9 @@ _NUMBER = re.compile(r"^[-+]?(\d[\d,]*)?(\.\d+)?( %)?$|^–$")
 class ReportFiles:
     """What :func:`write_report` wrote."""
 
-    index: Path
-    pages: dict[str, Path]
+    index: Path | str
+    """``index.html``: a path, or a URL for an object-store ``out``."""
+    pages: dict[str, Path | str]
 
 
 def page_name(night: str) -> str:
@@ -153,10 +157,9 @@ def write_report(
         raise ValueError(
             f"{store}: no index or night groups for {unknown}; nights in the store: {have}"
         )
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    target = _Target(os.fspath(out))
     trends = master_trends(store)
-    pages: dict[str, Path] = {}
+    pages: dict[str, Path | str] = {}
     for i, night in enumerate(wanted):
         links = [Link("index", INDEX)]
         if i > 0:
@@ -169,25 +172,50 @@ def write_report(
             store=store,
             links=links,
         )
-        pages[night] = _write(out_dir / page_name(night), page)
-    linked = {n: page_name(n) for n in have if (out_dir / page_name(n)).is_file()}
+        pages[night] = target.write(page_name(night), page)
+    on_disk = target.names()
+    linked = {n: page_name(n) for n in have if page_name(n) in on_disk}
     index = render_page(
         "photocal QA report",
         index_sections(
             [night_summary(store, n) for n in have],
             linked,
-            night_files(store, UNKNOWN_NIGHT),
+            night_files(store, groups.UNKNOWN_NIGHT),
             trends,
             light_curves(store),
         ),
         store=store,
     )
-    return ReportFiles(index=_write(out_dir / INDEX, index), pages=pages)
+    return ReportFiles(index=target.write(INDEX, index), pages=pages)
 
 
-def _write(path: Path, text: str) -> Path:
-    """Replace ``path`` whole: a reader never opens half a page."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+class _Target:
+    """Where the pages go. Each page replaces the old one whole, so a reader never
+    opens half a page: a local file by rename, an object by one PUT."""
+
+    def __init__(self, out: str) -> None:
+        self.local = local_path(out) if is_local(out) else None
+        if self.local is not None:
+            self.local.mkdir(parents=True, exist_ok=True)
+            return
+        import fsspec
+
+        self.url = out.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url))
+
+    def write(self, name: str, text: str) -> Path | str:
+        if self.local is not None:
+            path = self.local / name
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            return path
+        self.fs.pipe_file(f"{self.root}/{name}", text.encode("utf-8"))
+        return f"{self.url}/{name}"
+
+    def names(self) -> set[str]:
+        """The pages already there (written now or by an earlier report)."""
+        if self.local is not None:
+            return {p.name for p in self.local.glob("*.html")}
+        self.fs.invalidate_cache(self.root)
+        return {Path(p).name for p in self.fs.glob(f"{self.root}/*.html")}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.io import groups
 from tasks.report import figures
 from tasks.report.data import (
     ExposureZeroPoints,
@@ -386,7 +387,7 @@ def ubercal_section(fits: Sequence[UbercalFit]) -> Section:
                 )
             )
         if not fit.plots:
-            blocks.append(f"ubercal/{fit.band} was written without its maps (plots off).")
+            blocks.append(f"{groups.ubercal(fit.band)} was written without its maps (plots off).")
     return Section(sid, title, tuple(blocks))
 
 
@@ -510,24 +511,44 @@ def transients_section(qa: NightQA) -> Section | None:
     )
 
 
+def _flux(x: Any) -> str:
+    return f"{x:.1f}" if _finite(x) else MISSING
+
+
+def _peak(values: np.ndarray) -> float:
+    return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+
+
 def lightcurves_section(curves: Sequence[LightCurve]) -> Section | None:
     if not curves:
         return None
     blocks: list[Block] = [
         Table(
-            ("object", "epochs", "epochs this night", "bands", "brightest [mag]", "faintest [mag]"),
+            (
+                "object",
+                "epochs",
+                "epochs this night",
+                "measured",
+                "bands",
+                "peak flux [nJy]",
+                "difference-image peak [nJy]",
+                "brightest [mag]",
+            ),
             tuple(
                 (
                     lc.name,
                     count(len(lc.mjd)),
                     count(int(lc.in_night.sum())),
+                    count(lc.measured),
                     ", ".join(sorted(set(lc.band))),
-                    mag(np.nanmin(lc.mag)) if np.isfinite(lc.mag).any() else MISSING,
-                    mag(np.nanmax(lc.mag)) if np.isfinite(lc.mag).any() else MISSING,
+                    _flux(_peak(lc.flux_njy)),
+                    _flux(_peak(lc.forced_flux_njy)),
+                    mag(float(np.nanmin(lc.mag))) if np.isfinite(lc.mag).any() else MISSING,
                 )
                 for lc in curves
             ),
-            caption="Scene-modelling photometry on the ubercal system (lightcurves/<name>)",
+            caption="Scene-modelling photometry on the ubercal system (lightcurves/<name>); "
+            "measured: epochs with a flux; difference images: lightcurves_forced/<name>",
             name="lightcurves",
         )
     ]
@@ -539,7 +560,10 @@ def lightcurves_section(curves: Sequence[LightCurve]) -> Section | None:
 
 
 def night_sections(qa: NightQA, trends: MasterTrends | None = None) -> list[Section]:
-    """Every section of a night page, in order."""
+    """Every section of a night page, in order; for the files of no night, the
+    one section that lists them (the index page's)."""
+    if qa.night == groups.UNKNOWN_NIGHT:
+        return [unknown_night_section(qa.files)]
     out = [
         files_section(qa.files),
         photometry_section(qa.photometry),
@@ -622,7 +646,7 @@ def unknown_night_section(files: Files | None) -> Section:
         title,
         (
             "Files whose observing night could not be read (no usable MJD-OBS): "
-            "rejected, recorded in index/unknown-night.",
+            f"rejected, recorded in {groups.index(groups.UNKNOWN_NIGHT)}.",
             Table(("file", "reason"), tuple(files.rejected), name="rejected"),
         ),
     )

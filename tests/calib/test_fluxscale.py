@@ -132,3 +132,31 @@ def test_too_few_stars_give_no_correction():
     assert scale.ratio_err == 0.0
     with pytest.raises(ValueError, match="n_stars"):
         measure_flux_scale(np.ones((2, 3)), np.ones((2, 3)), np.ones(3), np.ones(3))
+
+
+def test_correction_modes_choose_between_the_epochs_and_the_overall_ratio():
+    """auto takes an epoch's own ratio only where >= 3 stars fix it to
+    per_epoch_max_err; global never, per_epoch wherever it has one, none is 1."""
+    rng = np.random.default_rng(5)
+    cat = np.full(6, 1e5)
+    flux = cat[:, None] * np.array([1.02, 0.98, 1.0])[None, :] * rng.normal(1, 1e-4, (6, 3))
+    err = np.full((6, 3), 100.0)
+    err[:, 2] = 5e3  # the third epoch's stars fix its ratio to 2 %: too loose for auto
+    flux[3:, 1] = np.nan  # the second epoch has three stars
+    scale = measure_flux_scale(flux, err, cat, np.full(6, 10.0))
+    ratio, ratio_err, own = scale.correction("auto", per_epoch_max_err=0.005)
+    assert own.tolist() == [True, True, False]
+    assert ratio[0] == pytest.approx(1.02, abs=1e-3)
+    assert ratio[1] == pytest.approx(0.98, abs=1e-3)
+    assert ratio[2] == scale.ratio
+    assert ratio_err[2] == scale.ratio_err
+    assert not scale.correction("auto", per_epoch_min_stars=4)[2][1]
+    assert scale.correction("per_epoch")[2].all()
+    assert not scale.correction("global")[2].any()
+    assert np.all(scale.correction("global")[0] == scale.ratio)
+    none = scale.correction("none")
+    assert np.all(none[0] == 1)
+    assert np.all(none[1] == 0)
+    assert not none[2].any()
+    with pytest.raises(ValueError, match="mode"):
+        scale.correction("median")

@@ -353,13 +353,23 @@ def test_pair_sums_bincount_and_sort_paths(na, nb, n, seed):
         np.testing.assert_allclose([got[key] for key in expect], list(expect.values()))
 
 
-def test_iterative_and_direct_solutions_agree(small_survey, small_solution):
+@pytest.mark.parametrize("preconditioner", ["block_jacobi", "two_level", "two_level_exposures"])
+def test_iterative_and_direct_solutions_agree(small_survey, small_solution, preconditioner):
     """The matrix-free PCG path (four star-complete partitions) against the dense
     Cholesky of the formed Schur complement, outlier passes included: PCG stops
     at a relative residual of 1e-9, so the solutions agree far below their
-    errors; the selection of observations is the same."""
-    it = solve(small_survey, solver="iterative", partition_obs=10_000, **COARSE)
-    assert it.stats.solver == "pcg-block_jacobi"
+    errors; the selection of observations is the same, whatever the
+    preconditioner (it changes the path to the solution, not the solution)."""
+    it = solve(
+        small_survey,
+        solver="iterative",
+        partition_obs=10_000,
+        preconditioner=preconditioner,
+        **COARSE,
+    )
+    assert it.stats.solver == f"pcg-{preconditioner}"
+    assert len(it.stats.cg_iterations_per_solve) >= 2  # the passes, then the errors
+    assert sum(it.stats.cg_iterations_per_solve) == it.stats.cg_iterations
     assert small_solution.stats.solver == "dense-cholesky"
     assert it.stats.n_used == small_solution.stats.n_used
     assert it.stats.n_rejected_stars == small_solution.stats.n_rejected_stars

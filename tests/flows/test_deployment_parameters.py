@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+from typing import get_args
 
 import jsonschema
 import pytest
@@ -23,13 +24,14 @@ from pydantic import ValidationError as PydanticError
 from flows import deployments
 from flows.deployments import last_night
 from flows.forms import DATE_PATTERN, NightRange
-from flows.pipeline import NIGHTLY_STAGES
+from flows.pipeline import NIGHTLY_STAGES, STAGES
 
 FLOWS = [
     deployments.nightly,
     deployments.backfill,
     deployments.ubercal,
     deployments.masters,
+    deployments.lightcurves,
     deployments.train_zp,
     deployments.score_zp,
     deployments.device_check,
@@ -81,8 +83,8 @@ def test_every_parameter_explains_itself(flow):
 def test_backfill_form_shows_the_stage_choices_and_default():
     stages = _schema(deployments.backfill)["properties"]["stages"]
     assert stages["default"] == list(NIGHTLY_STAGES)
-    assert "index" in stages["items"]["enum"]
-    assert "transients" in stages["items"]["enum"]
+    assert stages["items"]["enum"] == [s for s in STAGES if s != "lightcurves"]
+    assert get_args(deployments.BackfillStage) == tuple(stages["items"]["enum"])
 
 
 @pytest.mark.parametrize(
@@ -103,6 +105,24 @@ def test_backfill_form_shows_the_stage_choices_and_default():
         (
             deployments.backfill,
             {"nights": {"start": "2026-03-10", "end": "2026-03-11"}, "stages": []},
+            False,
+        ),
+        (
+            deployments.backfill,
+            {"nights": {"start": "2026-03-10", "end": "2026-03-11"}, "stages": ["lightcurves"]},
+            False,
+        ),
+        (deployments.lightcurves, {"targets": "targets.ecsv"}, True),
+        (
+            deployments.lightcurves,
+            {"targets": "t.ecsv", "nights": {"start": "2026-03-10", "end": "2026-03-12"}},
+            True,
+        ),
+        (deployments.lightcurves, {}, False),
+        (deployments.lightcurves, {"targets": ""}, False),
+        (
+            deployments.lightcurves,
+            {"targets": "t.ecsv", "nights": {"start": "2026-03-12", "end": "2026-03-10"}},
             False,
         ),
         (deployments.nightly, {}, True),

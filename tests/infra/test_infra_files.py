@@ -25,19 +25,24 @@ def test_every_deployment_entrypoint_is_a_flow():
         assert isinstance(obj, Flow), dep["name"]
         assert dep["work_pool"]["name"] == "photocal"
         names.add(dep["name"])
-    assert {"nightly", "backfill", "masters", "ubercal", "train-zp", "score-zp"} <= names
+    expected = {"nightly", "backfill", "masters", "ubercal", "lightcurves", "train-zp", "score-zp"}
+    assert expected <= names
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"]
 
 
 def _accepted_keywords(cls: type) -> set[str]:
     """Keyword arguments ``cls(...)`` accepts. A LocalCluster passes unknown
-    keywords on to its Nanny and Worker, so theirs count too."""
+    keywords on to its Nanny and Worker, and a dask-jobqueue cluster to its job
+    class (SLURMJob, then the base Job), so theirs count too."""
     import distributed
 
     chain = [cls]
     if cls is distributed.LocalCluster:
         chain += [distributed.Nanny, distributed.Worker]
+    job_cls = getattr(cls, "job_cls", None)
+    if isinstance(job_cls, type):
+        chain += [c for c in job_cls.__mro__ if "__init__" in vars(c) and c is not object]
     names: set[str] = set()
     for c in chain:
         params = inspect.signature(c.__init__).parameters.values()
@@ -68,16 +73,17 @@ def test_cluster_specs_validate(name):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("name", "field", "value"),
     [
-        ("cluster_class", "distributed.LocalClusterr"),
-        ("cluster_class", "distributed.Client"),
-        ("cluster_kwargs", {"n_workers": 2, "thread_per_worker": 1}),
+        ("local", "cluster_class", "distributed.LocalClusterr"),
+        ("local", "cluster_class", "distributed.Client"),
+        ("local", "cluster_kwargs", {"n_workers": 2, "thread_per_worker": 1}),
+        ("slurm", "cluster_kwargs", {"queue": "normal", "walltme": "04:00:00"}),
     ],
-    ids=["misspelt class", "not a cluster", "misspelt keyword"],
+    ids=["misspelt class", "not a cluster", "misspelt keyword", "misspelt Slurm job keyword"],
 )
-def test_a_broken_cluster_spec_fails_the_check(field, value):
-    spec = load_cluster_spec("local").model_copy(update={field: value})
+def test_a_broken_cluster_spec_fails_the_check(name, field, value):
+    spec = load_cluster_spec(name).model_copy(update={field: value})
     with pytest.raises((AssertionError, AttributeError)):
         check_cluster_spec(spec)
 

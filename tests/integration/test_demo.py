@@ -26,16 +26,20 @@ pytestmark = pytest.mark.integration
 
 
 def _demo(work, *args: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["demo", "--workdir", str(work), *args])
-    assert rc == 0, out.getvalue()
+    assert rc == 0, out.getvalue() + err.getvalue()
+    # What an operator sees on success: at most 60 lines, both streams.
+    lines = (out.getvalue() + err.getvalue()).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
     return out.getvalue()
 
 
 def check_demo_report(text: str, work, preset: str, bands: tuple[str, ...]) -> None:
     store = work / "photocal.zarr"
-    assert f"[1/2] simulating the '{preset}' survey" in text
+    assert f"[1/3] simulating the '{preset}' survey" in text
+    assert (work / "report" / "index.html").is_file()
     assert "rejected files (5)" in text
     nights = [n for n in list_groups(store, "index") if n != "unknown-night"]
     assert len(nights) == 2

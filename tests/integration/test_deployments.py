@@ -83,7 +83,7 @@ def test_deployments_are_registered(stack):
     with get_client(sync_client=True) as client:
         names = {d.name for d in client.read_deployments()}
         nightly = client.read_deployment_by_name("nightly/nightly")
-    assert {"nightly", "backfill", "masters", "ubercal"} <= names
+    assert {"nightly", "backfill", "masters", "ubercal", "lightcurves"} <= names
     assert nightly.schedules, "the nightly deployment has its cron schedule"
 
 
@@ -168,21 +168,29 @@ def _deployment_runs(deployment_id) -> int:
 
 
 @pytest.mark.parametrize(
-    ("parameters", "reason"),
+    ("name", "parameters", "reason"),
     [
-        ({"nights": {"start": "2026-03-11", "end": "2026-03-10"}}, "nights"),
-        ({"nights": {"start": "2026-13-01", "end": "2027-01-01"}}, "nights"),
+        ("backfill/backfill", {"nights": {"start": "2026-03-11", "end": "2026-03-10"}}, "nights"),
+        ("backfill/backfill", {"nights": {"start": "2026-13-01", "end": "2027-01-01"}}, "nights"),
         (
+            "backfill/backfill",
             {"nights": {"start": "2026-03-10", "end": "2026-03-11"}, "stages": ["teleport"]},
             "teleport",
         ),
+        (
+            "backfill/backfill",
+            {"nights": {"start": "2026-03-10", "end": "2026-03-11"}, "stages": ["lightcurves"]},
+            "lightcurves",
+        ),
+        ("lightcurves/lightcurves", {"nights": {"start": "2026-03-10", "end": "2026-03-11"}},
+         "targets"),
     ],
-)
-def test_bad_backfill_is_refused_at_submission(stack, parameters, reason):
+)  # fmt: skip
+def test_bad_request_is_refused_at_submission(stack, name, parameters, reason):
     """The UI's request, answered by the server against the parameter schema:
     an HTTP 4xx and no flow run, so no worker ever starts."""
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("backfill/backfill")
+        deployment = client.read_deployment_by_name(name)
     before = _deployment_runs(deployment.id)
     response = httpx.post(
         f"{stack.api_url}/deployments/{deployment.id}/create_flow_run",

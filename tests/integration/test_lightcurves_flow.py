@@ -20,6 +20,9 @@ from tasks.index import index_sequentially
 from tasks.io.store import read_group
 from tasks.masters import build_masters_sequentially
 from tasks.reduce import ReduceConfig, reduce_night
+from tasks.report.data import night_qa
+from tasks.report.html import write_report
+from tasks.report.sections import Table, night_sections
 from tasks.simulate import simulate_survey
 from tasks.ubercal import UbercalStageConfig, run_ubercal_stage
 
@@ -127,6 +130,32 @@ def test_light_curves_recover_the_truth(ran):
             assert len(pre) >= 6
             assert np.mean(np.square(pre)) <= 2.0
             assert 0.6 <= np.std(post) <= 1.5, np.std(post)
+
+
+def test_the_report_shows_the_stages_light_curves(ran, tmp_path):
+    """The QA report of the stage's own groups: the night page's light-curve table
+    equal to the groups (epochs in the night, measured epochs, scene-model and
+    difference-image peak fluxes), and the pages written."""
+    res, store, _ = ran
+    night = res.nights[-1]
+    files = write_report(store, tmp_path, [night])
+    assert files.pages[night].is_file()
+    assert files.index.is_file()
+    section = next(s for s in night_sections(night_qa(store, night)) if s.id == "lightcurves")
+    table = next(b for b in section.blocks if isinstance(b, Table))
+    exposures = read_group(store, f"nights/{night}/exposures").expid.values
+    assert [r[0] for r in table.rows] == ["SIM001", "SIM002"]
+    for row in table.rows:
+        lc = read_group(store, f"lightcurves/{row[0]}")
+        forced = read_group(store, f"lightcurves_forced/{row[0]}")
+        assert row[1:7] == (
+            str(lc.sizes["epoch"]),
+            str(int(np.isin(lc.expid.values, exposures).sum())),
+            str(int(np.isfinite(lc.flux_njy.values).sum())),
+            "r",
+            f"{np.nanmax(lc.flux_njy.values):.1f}",
+            f"{np.nanmax(forced.flux_njy.values):.1f}",
+        )
 
 
 def test_the_stage_needs_its_targets(survey, capsys):

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import s3fs
 import xarray as xr
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.api import prefect_api
 from flows.pipeline import photocal_run
@@ -41,12 +41,13 @@ def _same(a: xr.Dataset, b: xr.Dataset, qa_dirs: tuple[str, str] = ("", "")) -> 
 
 
 @pytest.mark.slow  # 60-90 s idle: the stages on S3, then again in one process
-def test_index_masters_and_photometry_on_s3(s3_store, tiny_survey, tmp_path, monkeypatch):
+def test_index_masters_and_photometry_on_s3(
+    prefect_server, s3_store, tiny_survey, tmp_path, monkeypatch
+):
     night = tiny_survey.nights[0]
-    # QA plots of an object store go to a local folder named after it, relative
-    # to the working directory (tasks/qa.py): keep them out of the repository.
+    # QA plots go beside the store on S3 (tasks/qa.py), none to the working directory.
     monkeypatch.chdir(tmp_path)
-    with prefect_test_harness(server_startup_timeout=180), prefect_api():
+    with prefect_api():
         summary = photocal_run.with_options(task_runner=make_task_runner(workers=2))(
             store=s3_store,
             raw=str(tiny_survey.raw),
@@ -65,7 +66,10 @@ def test_index_masters_and_photometry_on_s3(s3_store, tiny_survey, tmp_path, mon
         shutil.rmtree(local / "index" / other)
     build_masters_sequentially(str(local), [night])
     reduce_night(str(local), night, str(tiny_survey.refcat))
-    qa_dirs = (s3_store.removeprefix("s3://") + ".qa", f"{local}.qa")
+    qa_dirs = (f"{s3_store}.qa", f"{local}.qa")
+    assert not any(tmp_path.glob("photocal-*")), "QA plots written locally"
+    plots = s3fs.S3FileSystem().find(f"{s3_store}.qa")
+    assert any(p.endswith(".png") for p in plots), plots
     for name in groups:
         _same(read_group(s3_store, name), read_group(local, name), qa_dirs)
     # And back from S3 to a local path, unchanged.

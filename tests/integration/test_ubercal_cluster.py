@@ -53,7 +53,7 @@ def test_iterative_fit_on_a_cluster_matches_in_process(tmp_path):
         # The partitions were built on both workers (and applied there).
         built = {t["worker"] for t in ts.data if "_build_from_pieces" in str(t["key"])}
         assert built == set(workers)
-    assert remote.stats.solver == "pcg-block_jacobi"
+    assert remote.stats.solver == f"pcg-{opts.preconditioner}"
     assert remote.stats.n_used == local.stats.n_used
     np.testing.assert_array_equal(remote.expids, local.expids)
     # PCG stops at a relative residual of 1e-9; the two runs differ in the order of

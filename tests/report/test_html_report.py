@@ -12,10 +12,12 @@ from report_store import LIGHTCURVE
 from flows.cli import main
 from tasks.io import groups
 from tasks.io.store import read_group
+from tasks.io.store_tools import copy_store
 from tasks.report import markdown
 from tasks.report.data import night_qa
 from tasks.report.html import INDEX, page_name, write_report
 from tasks.report.sections import NIGHT_SECTIONS, Figure, Table, night_sections
+from tasks.reports import default_report_dir
 
 TABLES_JS = """
 Object.fromEntries(Array.from(document.querySelectorAll('table[data-table]')).map(t => [
@@ -127,15 +129,18 @@ def _check_numbers(store: str, night: str, tables: dict) -> None:
         assert row[5] == f"{stats['chi2_per_dof']:.3f}"
 
     lc = read_group(store, groups.lightcurve(LIGHTCURVE))
+    forced = read_group(store, groups.lightcurve_forced(LIGHTCURVE))
     in_night = np.isin(lc.expid.values, exposures.expid.values)
     assert tables["lightcurves"] == [
         [
             LIGHTCURVE,
             str(lc.sizes["epoch"]),
             str(int(in_night.sum())),
+            str(int(np.isfinite(lc.flux_njy.values).sum())),
             ", ".join(sorted({str(b) for b in lc.band.values})),
+            f"{np.max(lc.flux_njy.values):.1f}",
+            f"{np.max(forced.flux_njy.values):.1f}",
             f"{np.min(lc.mag.values):.4f}",
-            f"{np.max(lc.mag.values):.4f}",
         ]
     ]
 
@@ -194,3 +199,47 @@ def test_report_command_writes_the_pages_asked_for(report_store, tiny_survey, tm
     assert sorted(p.name for p in tmp_path.glob("*.html")) == [INDEX, page_name(night)]
     assert main(["report", report_store, "--night", "2031-01-01", "--out", str(tmp_path)]) == 2
     assert "2031-01-01" in capsys.readouterr().err
+
+
+def test_files_of_no_night_report_only_those_files(report_store):
+    """index/unknown-night holds files whose MJD-OBS could not be read: their
+    report lists them and nothing else (before, "unknown-night" sorted after
+    every period and the report showed the latest period's masters as its own)."""
+    qa = night_qa(report_store, groups.UNKNOWN_NIGHT)
+    unknown = read_group(report_store, groups.index(groups.UNKNOWN_NIGHT))
+    assert qa.files is not None
+    assert sorted(p for p, _ in qa.files.rejected) == sorted(str(p) for p in unknown.path.values)
+    assert (qa.photometry, qa.masters, qa.zeropoints, qa.ubercal, qa.lightcurves) == (
+        None, (), None, (), ()
+    )  # fmt: skip
+    sections = night_sections(qa)
+    assert [s.id for s in sections] == ["unknown-night"]
+    text = markdown.render("photocal night unknown-night", sections)
+    assert "did not run" not in text
+    for path in unknown.path.values:
+        assert str(path) in text
+
+
+def test_report_of_a_store_on_s3(browser, report, s3_store, tmp_path):
+    """The store on S3 (moto's server on loopback): the report reads it there and
+    writes its pages beside it, as for a local store; the pages show the same
+    tables as the local store's report."""
+    local_store, local_files = report
+    copy_store(local_store, s3_store)
+    out = default_report_dir(s3_store)
+    assert out == s3_store + ".report"
+    files = write_report(s3_store, out)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert sorted(fs.ls(out.removeprefix("s3://"))) == sorted(
+        u.removeprefix("s3://") for u in [files.index, *files.pages.values()]
+    )
+    fs.get(out.removeprefix("s3://") + "/", str(tmp_path), recursive=True)
+    for name, local in [
+        (INDEX, local_files.index),
+        *((page_name(n), p) for n, p in local_files.pages.items()),
+    ]:
+        page = _page(browser, tmp_path / name)
+        assert all(img["ok"] for img in page["images"]), name
+        assert page["tables"] == _page(browser, local)["tables"], name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.catalogsim import CatalogSurveyConfig, simulate_catalog_survey
+from sim.catalogsim import CatalogSurveyConfig, plan_catalog_survey, simulate_catalog_survey
 
 SMALL = CatalogSurveyConfig(
     seed=4,
@@ -95,3 +95,17 @@ def test_config_checked():
         CatalogSurveyConfig(band="z")
     with pytest.raises(ValueError, match="visits_per_field"):
         CatalogSurveyConfig(visits_per_field=0)
+
+
+def test_plan_draws_the_same_catalogs_one_exposure_at_a_time(survey):
+    """The plan (what a survey of any size is generated from) gives each
+    exposure's catalog alone, in any order, equal to the whole survey's rows."""
+    plan = plan_catalog_survey(SMALL)
+    np.testing.assert_array_equal(plan.zp_true, survey.zp_true)
+    for e in (7, 0, plan.n_exposures - 1):
+        cat = plan.exposure_catalog(e)
+        rows = survey.observations["expid"] == survey.exposures["expid"][e]
+        assert rows.sum() == len(cat["expid"]) > 0
+        for k, v in survey.observations.items():
+            np.testing.assert_array_equal(cat[k], v[rows])
+        np.testing.assert_array_equal(cat["is_cosmic"], survey.truth["is_cosmic"][rows])

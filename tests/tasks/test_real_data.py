@@ -6,6 +6,7 @@ and ubercal, compared with what the table itself says."""
 from __future__ import annotations
 
 import gzip
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,12 @@ from astropy.io import fits
 from astropy.table import Table
 
 from calib.reduce import reduce_quadrant
+from calib.ubercal import UbercalOptions
 from flows.cli import main
 from tasks.config import load_config
 from tasks.io.raw import parse_section
 from tasks.io.store import read_group
-from tasks.ubercal import run_ubercal_stage
+from tasks.ubercal import UbercalStageConfig, run_ubercal_stage
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FEDER_LONGITUDE_DEG = -96.45328  # stellarphot's feder_obs fixture
@@ -153,25 +155,35 @@ def _bouguer(source: Table, stars: np.ndarray) -> tuple[float, float]:
     return float(coef[-1]), float(np.sqrt(cov[-1, -1]))
 
 
-def test_real_night_zero_points_track_airmass(feder_night):
-    store, source = feder_night
+def _extinction_line(store: str | Path) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """zp = zp0 - k X (m = m_inst + zp), a weighted straight line through the
+    ubercal zero points: k, the airmasses, the zero points and the residuals [mmag]."""
     ub = read_group(store, "ubercal/r")
     exposures = read_group(store, "nights/2014-12-29/exposures")
     airmass = dict(zip(exposures.expid.values.tolist(), exposures.airmass.values, strict=True))
     x = np.array([airmass[e] for e in ub.expid.values.tolist()])
     zp, zp_err = ub.zp.values[:, 0], ub.zp_err.values[:, 0]
-    # zp = zp0 - k X (m = m_inst + zp): weighted straight line.
     design = np.stack([np.ones_like(x), -x], axis=1) / zp_err[:, None]
     coef, *_ = np.linalg.lstsq(design, zp / zp_err, rcond=None)
-    k_ubercal = float(coef[1])
-    resid_mmag = 1e3 * (zp - design @ coef * zp_err)
+    return float(coef[1]), x, zp, 1e3 * (zp - design @ coef * zp_err)
 
-    # The stars ingested: the table's rows that the ingest did not reject.
-    cat = read_group(store, "nights/2014-12-29/catalog")
+
+def _table_extinction(store: str | Path, source: Table) -> tuple[float, float]:
+    """The Bouguer fit of the stars ingested: the table's rows that the ingest
+    did not reject."""
     rejected = read_group(store, "nights/2014-12-29/rejected").row.values
     stars = np.unique(np.delete(np.asarray(source["star_id"]), rejected))
     assert len(stars) == 25
-    k_table, k_table_err = _bouguer(source, stars)
+    return _bouguer(source, stars)
+
+
+def test_real_night_zero_points_track_airmass(feder_night):
+    store, source = feder_night
+    ub = read_group(store, "ubercal/r")
+    zp_err = ub.zp_err.values[:, 0]
+    k_ubercal, x, zp, resid_mmag = _extinction_line(store)
+    k_table, k_table_err = _table_extinction(store, source)
+    cat = read_group(store, "nights/2014-12-29/catalog")
 
     # Bright-star repeatability: the 5 brightest stars' rms about their mean,
     # against the table's own error for the same stars.
@@ -206,3 +218,30 @@ def test_real_night_zero_points_track_airmass(feder_night):
     # Repeatability of the brightest stars is at the level the table reports
     # (two-sided: neither hidden scatter nor errors overstated by 2x).
     assert 0.5 * reported_mmag < rms_bright_mmag < 2.0 * reported_mmag
+
+
+def test_real_night_with_the_stage_defaults(feder_night, tmp_path):
+    """Issue 13's first report: with the stage's defaults (10x10 cells then) this
+    night stopped with a singular reduced matrix, and no option could change the
+    model. The model is now sized to the data: its 25 stars hardly move on the
+    chip (a few per cent of its width), so one cell, and the fit finishes.
+
+    The default per-exposure gradient is then the one term to turn off: the
+    stars sit off the centre of the declared 4096x4096 quadrant, the zero point
+    is its value at the centre, and 25 stars per exposure extrapolate a gradient
+    there that moves k by 6 table sigma (docs/ubercal.md). Without it the zero
+    points follow the table's own extinction (3 sigma of the table's fit)."""
+    store, source = feder_night
+    refcat = Path(store).parent / "refcat.ecsv"
+    k_table, k_table_err = _table_extinction(store, source)
+    for name, options in {"defaults": {}, "no_gradient": {"exposure_gradient": False}}.items():
+        copy = tmp_path / f"{name}.zarr"
+        shutil.copytree(store, copy)
+        config = UbercalStageConfig(band="r", plots=False, options=options)
+        run_ubercal_stage(str(copy), refcat, config)
+        sizing = read_group(copy, "ubercal/r").attrs["sizing"]
+        assert sizing["cells_rule"] == "auto"
+        assert tuple(sizing["cells"]) == (1, 1)
+        assert sizing["dither_rms"] < 1.0 / UbercalOptions().auto_cells_per_dither
+    k_ubercal, *_ = _extinction_line(tmp_path / "no_gradient.zarr")
+    assert abs(k_ubercal - k_table) < 3 * k_table_err

@@ -7,14 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from statchecks import assert_fails, assert_unit_pulls
 
 import tasks.ubercal
-from calib.ubercal import UbercalOptions
+from calib.ubercal import UbercalError, UbercalOptions
 from sim.catalogsim import CatalogSurveyConfig, simulate_catalog_survey
 from tasks.io.store import StoreError, read_group
 from tasks.simulate import write_catalog_refcat, write_catalog_survey
-from tasks.ubercal import UbercalStageConfig, run_ubercal_stage, write_png
+from tasks.ubercal import UbercalOptionsConfig, UbercalStageConfig, run_ubercal_stage, write_png
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,29 @@ def test_no_catalogs_in_range(filled):
     _, store, refcat = filled
     with pytest.raises(StoreError, match="no night catalogs"):
         run_ubercal_stage(store, refcat, UbercalStageConfig(band="r", first_night="2030-01-01"))
+
+
+def test_band_without_observations_is_named(filled):
+    """The store holds band r only: asking for g gives an error naming the band
+    and the group, not a numpy cast error from an empty system."""
+    _, store, refcat = filled
+    with pytest.raises(UbercalError, match=r"ubercal/g \(band 'g'.*none to fit"):
+        run_ubercal_stage(store, refcat, UbercalStageConfig(band="g", plots=False))
+
+
+def test_every_option_is_described_and_validated():
+    """The stage model carries a description for every fit option (for the
+    configuration file's comments), the same defaults as UbercalOptions, and the
+    dataclass's own checks."""
+    fields = UbercalOptionsConfig.model_fields
+    assert set(fields) == {f.name for f in dataclasses.fields(UbercalOptions)}
+    for name, info in fields.items():
+        assert len(info.description or "") > 10, name
+        assert info.default == getattr(UbercalOptions(), name), name
+    cfg = UbercalStageConfig(band="r", options=UbercalOptions(cells=(4, 4), clip_sigma=4.0))
+    assert cfg.fit_options == UbercalOptions(cells=(4, 4), clip_sigma=4.0)
+    assert UbercalStageConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ValidationError, match="clip_sigma must be > 0"):
+        UbercalStageConfig(band="r", options={"clip_sigma": -1.0})
+    with pytest.raises(ValidationError, match="nope"):
+        UbercalStageConfig(band="r", options={"nope": 1})

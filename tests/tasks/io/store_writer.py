@@ -6,8 +6,8 @@ group over and over, so that the tests can SIGKILL it mid-write or run two at on
 Version ``v`` of writer ``w`` fills every array with ``1000 * w + v`` and records
 both in the group's attrs; odd versions go through ``write_group``, even ones are
 built in pieces (``begin_group`` / ``write_region`` / ``commit_group``), the two
-ways stages write. Before and after each version it prints ``start V`` / ``done V
-SECONDS`` on stdout.
+ways stages write. Before and after each version it prints ``start V TIME`` (the
+Unix time it started) / ``done V SECONDS`` on stdout.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(store: str, group: str, writer: int, n_versions: int) -> None:
     for version in range(1, n_versions + 1):
         value = 1000.0 * writer + version
         attrs = {"writer": writer, "version": version}
-        print(f"start {version}", flush=True)
+        print(f"start {version} {time.time():.6f}", flush=True)
         t0 = time.perf_counter()
         if version % 2:
             write_group(
