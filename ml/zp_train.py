@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy import optimize, stats
 from torch.nn import functional as F
 
 from ml.device import best_device
@@ -292,6 +293,57 @@ def _conformal(z: np.ndarray) -> tuple[float, float]:
     scale = float(z[min(n - 1, int(np.ceil((n + 1) * 0.6827)) - 1)])
     tail = float(z[min(n - 1, int(np.ceil((n + 1) * 0.95)) - 1)]) / (Z95 * scale)
     return scale, tail
+
+
+@dataclass(frozen=True)
+class StarsConsistency:
+    """How a night's network offsets agree with the same exposures' classical
+    zero points: chi2 of their differences over ``dof`` exposures, its p-value,
+    and the factor the network's intervals were widened by (1 when consistent)."""
+
+    chi2: float
+    dof: int
+    p_value: float
+    factor: float
+
+
+def stars_consistency(
+    offset: np.ndarray,
+    sigma: np.ndarray,
+    catalog: np.ndarray,
+    catalog_err: np.ndarray,
+    *,
+    alpha: float = 0.01,
+) -> StarsConsistency:
+    """Check a night's predictions against its own stars, the one truth a scoring
+    night has. The intervals are calibrated on the validation nights; on a night
+    unlike them (another instrument, a model trained briefly) they can be far too
+    narrow, and only the stars can say so. With d = offset - catalog and
+    var(d) = sigma^2 + catalog_err^2 (the network reads the catalog, so their
+    errors correlate positively and var(d) is overstated: the check is
+    conservative), chi2 = sum (d^2 / var(d)) over the exposures the stars answer.
+    Where chi2 exceeds its 1 - ``alpha`` quantile, the network's sigma is widened
+    by the factor f that brings chi2 to its expectation (sum d^2 / (f^2 sigma^2 +
+    catalog_err^2) = dof): the excess is laid on the network, whose calibration
+    is in question, not on the stars'."""
+    ok = np.isfinite(catalog) & (catalog_err > 0) & np.isfinite(offset) & (sigma > 0)
+    dof = int(ok.sum())
+    if dof == 0:
+        return StarsConsistency(chi2=float("nan"), dof=0, p_value=float("nan"), factor=1.0)
+    d2, s2, c2 = (offset[ok] - catalog[ok]) ** 2, sigma[ok] ** 2, catalog_err[ok] ** 2
+
+    def excess(f: float) -> float:
+        return float(np.sum(d2 / (f * f * s2 + c2))) - dof
+
+    chi2 = excess(1.0) + dof
+    p_value = float(stats.chi2.sf(chi2, dof))
+    factor = 1.0
+    if p_value < alpha:
+        hi = 2.0
+        while excess(hi) > 0:
+            hi *= 2.0
+        factor = float(optimize.brentq(excess, 1.0, hi, xtol=1e-6))
+    return StarsConsistency(chi2=chi2, dof=dof, p_value=p_value, factor=factor)
 
 
 def predict(

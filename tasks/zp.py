@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,13 @@ from ml.zp_features import (
     split_by_night,
 )
 from ml.zp_model import AZPRC, ESTIMATES, AZPRCConfig
-from ml.zp_train import TrainConfig, predict, predict_intervals, train_zp_network
+from ml.zp_train import (
+    TrainConfig,
+    predict,
+    predict_intervals,
+    stars_consistency,
+    train_zp_network,
+)
 from sim.zpsim import DOMAINS, ZPExposure, simulate_zp_exposures
 from tasks.config import StageConfig
 from tasks.io import groups
@@ -52,6 +59,7 @@ from tasks.io.store import (
     read_group,
     write_group,
 )
+from tasks.logs import run_logger
 from tasks.progress import emit
 
 
@@ -418,6 +426,8 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
         )
     fs = attach_context(fs, ClearSkyModels.from_dict(card["clear_sky"]))
     offset, sigma, half95 = predict_intervals(model, fs)
+    check = stars_consistency(offset, sigma, fs.catalog_zp_mag, fs.catalog_zp_err_mag)
+    sigma, half95 = sigma * check.factor, half95 * check.factor
     bands = band_of_telemetry(fs.telemetry)
     nominal = np.array([config.zp_nominal_mag[b] for b in bands])
     scores = xr.Dataset(
@@ -447,10 +457,18 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
         model_card={k: card[k] for k in ("data_sha256", "code_revision", "metrics_test_mag")},
         device=str(best_device()),
         convention="zp = zp_nominal_mag[band] + zp_offset; m = m_inst + zp",
+        stars_consistency=asdict(check),
     )
     write_group(store, groups.scores(night), scores, attrs=attrs)
+    if check.factor > 1:
+        run_logger(__name__).warning(
+            "%s: the network disagrees with the night's stars (chi2 %.1f over %d "
+            "exposures, p %.1e): its intervals widened %.2fx",
+            groups.scores(night), check.chi2, check.dof, check.p_value, check.factor,
+        )  # fmt: skip
     return {
         "exposures": len(fs),
+        "interval_factor": check.factor,
         "median_offset_mag": float(np.median(offset)) if len(fs) else None,
     }
 
