@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from astropy.stats import sigma_clip
+from scipy.optimize import brentq
 
 from calib.bits import FLAG_CROWDED
 
@@ -21,6 +23,7 @@ __all__ = [
     "ColourTerm",
     "ZeroPoints",
     "classical_zeropoints",
+    "extra_scatter",
     "fit_colour_term",
     "median_variance_factor",
     "zeropoint_stars",
@@ -82,6 +85,9 @@ class ZeroPoints:
     scatter : ndarray, float64, mag
         Clipped standard deviation of the star-by-star zero points.
     colour_term : ColourTerm
+    extra_scatter : float, mag
+        The scatter added in quadrature to every star's stated error (the
+        weighted estimator's :func:`extra_scatter`; NaN for the median).
     """
 
     group: np.ndarray
@@ -90,6 +96,7 @@ class ZeroPoints:
     n_stars: np.ndarray
     scatter: np.ndarray
     colour_term: ColourTerm
+    extra_scatter: float = float("nan")
 
 
 def _check_1d(**arrays: np.ndarray) -> int:
@@ -185,6 +192,19 @@ def fit_colour_term(
     return ColourTerm(value=-slope, err=err, pivot=float(pivot), n_stars=n, fitted=True)
 
 
+def _stated_variance(
+    m_inst_err: np.ndarray | None, m_ref_err: np.ndarray | None, n: int, *, nan: float
+) -> np.ndarray:
+    """Sum of the squared stated errors, shape (n,); a NaN error counts as ``nan``."""
+    var = np.zeros(n)
+    for e in (m_inst_err, m_ref_err):
+        if e is not None:
+            if np.shape(e) != (n,):
+                raise ValueError(f"errors must have shape {(n,)}, got {np.shape(e)}")
+            var = var + np.nan_to_num(np.asarray(e, dtype=np.float64), nan=nan) ** 2
+    return var
+
+
 def _star_variance(
     m_inst_err: np.ndarray | None,
     m_ref_err: np.ndarray | None,
@@ -195,12 +215,7 @@ def _star_variance(
     """Per-star variance: the stated errors plus the extra scatter all groups share."""
     if m_inst_err is None and m_ref_err is None:
         return None
-    var = np.zeros(len(star_zp))
-    for e in (m_inst_err, m_ref_err):
-        if e is not None:
-            if np.shape(e) != np.shape(star_zp):
-                raise ValueError(f"errors must have shape {np.shape(star_zp)}, got {np.shape(e)}")
-            var = var + np.nan_to_num(np.asarray(e, dtype=np.float64)) ** 2
+    var = _stated_variance(m_inst_err, m_ref_err, len(star_zp), nan=0.0)
     if not kept_of:
         return var
     resid2, stated = [], []
@@ -246,6 +261,123 @@ def zeropoint_stars(
     )
 
 
+def extra_scatter(
+    resid: np.ndarray, stated_var: np.ndarray, leverage_var: np.ndarray | None = None
+) -> float:
+    """The scatter ``e`` [mag] that, added in quadrature to every star's stated
+    error, best explains the residuals: the maximum-likelihood ``e`` of
+    ``resid ~ N(0, stated_var + e^2 - leverage_var)``, 0 when the stated errors
+    already cover them.
+
+    ``leverage_var`` is the variance of the centre each residual is taken
+    about (``1 / sum of weights`` of its group's weighted mean): a bright star
+    that dominates its group pulls the centre towards itself. Clip outliers
+    before calling. Bright stars, whose stated errors are small, say the most
+    about ``e``; a median over all stars would hear only the faint ones.
+    """
+    r2 = np.asarray(resid, dtype=np.float64) ** 2
+    v = np.asarray(stated_var, dtype=np.float64)
+    h = np.zeros_like(v) if leverage_var is None else np.asarray(leverage_var, dtype=np.float64)
+    ok = np.isfinite(r2) & np.isfinite(v) & np.isfinite(h)
+    r2, v, h = r2[ok], v[ok], h[ok]
+    if len(r2) < 2:
+        return 0.0
+
+    def score(e2: float) -> float:
+        var = np.maximum(v + e2 - h, 0.05 * (v + e2))
+        return float(np.sum((r2 - var) / var**2))
+
+    if score(0.0) <= 0:
+        return 0.0
+    hi = max(float(np.max(r2)), 1e-12)
+    if score(hi) > 0:
+        return float(np.sqrt(hi))
+    return float(np.sqrt(brentq(score, 0.0, hi, xtol=1e-14)))
+
+
+def _weighted_means(
+    star_zp: np.ndarray,
+    var: np.ndarray,
+    index: np.ndarray,
+    usable: np.ndarray,
+    centre: np.ndarray,
+    centre_var: np.ndarray,
+    *,
+    clip_sigma: float,
+    maxiters: int,
+    min_stars: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clipped inverse-variance weighted mean per group, starting from
+    ``centre`` (n_groups,) known to ``centre_var``: a star is kept while it
+    lies within ``clip_sigma`` of its own sigma and the centre's. Returns the
+    means (NaN with fewer than ``min_stars`` kept), the sums of weights, and
+    the kept stars (mask)."""
+    n_groups = len(centre)
+    w = np.where(usable, 1.0 / np.maximum(var, 1e-12), 0.0)
+    s = np.where(usable, star_zp, 0.0)
+    keep = usable & (np.abs(s - centre[index]) <= clip_sigma * np.sqrt(var + centre_var[index]))
+    for _ in range(maxiters + 1):
+        wk = np.where(keep, w, 0.0)
+        weight = np.bincount(index, weights=wk, minlength=n_groups)
+        safe = np.where(weight > 0, weight, 1.0)
+        mean = np.bincount(index, weights=wk * s, minlength=n_groups) / safe
+        bound = clip_sigma * np.sqrt(var + 1.0 / safe[index])
+        new = usable & (np.abs(s - mean[index]) <= bound)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    n = np.bincount(index, weights=keep.astype(np.float64), minlength=n_groups)
+    mean = np.where(n >= min_stars, mean, np.nan)
+    return mean, weight, keep & (n[index] >= min_stars)
+
+
+def _group_medians(values: np.ndarray, index: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per group, the lower median of ``values`` (NaN for an empty group)."""
+    order = np.lexsort((values, index))
+    counts = np.bincount(index, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    picks = starts + (counts - 1) // 2
+    return np.where(counts > 0, values[order][np.minimum(picks, len(values) - 1)], np.nan)
+
+
+def _weighted_zeropoints(
+    star_zp: np.ndarray,
+    stated_var: np.ndarray,
+    index: np.ndarray,
+    usable: np.ndarray,
+    n_groups: int,
+    *,
+    clip_sigma: float,
+    maxiters: int,
+    min_stars: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Weighted zero points: the extra scatter and the means are found in turn
+    (a few rounds settle them). Each group starts from the median of its
+    stars, with the median's own uncertainty in the clipping bound: a median
+    that counts every star alike can sit among the faint ones, and clipping
+    tightly around it would throw the precise stars out; a weighted median
+    would follow one bright variable. Returns zp, err, the kept stars and the
+    extra scatter [mag]."""
+    rows = np.nonzero(usable)[0]
+    start = _group_medians(star_zp[rows], index[rows], n_groups)
+    deviation = np.abs(star_zp[rows] - start[index[rows]])
+    spread = 1.4826 * _group_medians(deviation, index[rows], n_groups)
+    counts = np.bincount(index[rows], minlength=n_groups)
+    start_var = (1.2533 * spread) ** 2 / np.maximum(counts, 1)
+    start, start_var = np.nan_to_num(start), np.nan_to_num(start_var)
+    extra2 = 0.01**2
+    for _ in range(4):
+        zp, weight, keep = _weighted_means(
+            star_zp, stated_var + extra2, index, usable, start, start_var,
+            clip_sigma=clip_sigma, maxiters=maxiters, min_stars=min_stars,
+        )  # fmt: skip
+        resid = star_zp[keep] - zp[index[keep]]
+        leverage = 1.0 / weight[index[keep]]
+        extra2 = extra_scatter(resid, stated_var[keep], leverage) ** 2
+    err = np.where(np.isfinite(zp), 1.0 / np.sqrt(np.where(weight > 0, weight, np.nan)), np.nan)
+    return zp, err, keep, float(np.sqrt(extra2))
+
+
 def classical_zeropoints(
     m_inst: np.ndarray,
     m_ref: np.ndarray,
@@ -260,8 +392,9 @@ def classical_zeropoints(
     maxiters: int = 5,
     min_stars: int = 3,
     min_colour_stars: int = 10,
+    estimator: Literal["median", "weighted"] = "median",
 ) -> ZeroPoints:
-    """Sigma-clipped median zero point per group, with a colour term.
+    """Sigma-clipped median (or weighted mean) zero point per group, with a colour term.
 
     Parameters
     ----------
@@ -292,18 +425,31 @@ def classical_zeropoints(
     min_colour_stars : int
         A fitted colour term needs this many stars after clipping; otherwise
         none is applied (``ColourTerm.fitted`` False, value 0, err NaN).
+    estimator : {'median', 'weighted'}
+        ``'median'``: the clipped median, every star counting the same.
+        ``'weighted'`` (needs per-star errors): starting from the median, the
+        inverse-variance weighted mean, clipped star by star at ``clip_sigma``
+        times each star's own sigma (its stated error and the extra scatter,
+        found so that the median chi-square is that of a Gaussian,
+        :func:`extra_scatter`). With bright and faint stars together the
+        median wastes most of the bright stars' weight (docs/zp_network.md).
 
     Returns
     -------
     ZeroPoints
         The error is a median's standard error,
         ``sqrt(median_variance_factor(n)) * sigma / sqrt(n)``, ``sigma`` the
-        per-star scatter (see ``m_inst_err``), plus the colour term's error
-        propagated at the group's mean colour.
+        per-star scatter (see ``m_inst_err``), or ``1 / sqrt(sum of weights)``
+        for the weighted mean, plus the colour term's error propagated at the
+        group's mean colour.
     """
     _check_1d(m_inst=m_inst, m_ref=m_ref, colour=colour, group=group)
     if min_stars < 2:
         raise ValueError(f"min_stars must be >= 2, got {min_stars}")
+    if estimator not in ("median", "weighted"):
+        raise ValueError(f"estimator must be 'median' or 'weighted', got {estimator!r}")
+    if estimator == "weighted" and m_inst_err is None and m_ref_err is None:
+        raise ValueError("estimator='weighted' needs per-star errors (m_inst_err or m_ref_err)")
     m_inst = np.asarray(m_inst, dtype=np.float64)
     m_ref = np.asarray(m_ref, dtype=np.float64)
     colour = np.asarray(colour, dtype=np.float64)
@@ -338,6 +484,29 @@ def classical_zeropoints(
         term = ColourTerm(float(colour_term), 0.0, float(pivot), 0, fitted=False)
     star_zp = m_ref + term.value * (colour - pivot) - m_inst
     groups = np.unique(group)
+    if estimator == "weighted":
+        index = np.searchsorted(groups, group)
+        stated = _stated_variance(m_inst_err, m_ref_err, len(star_zp), nan=np.inf)
+        zp, err, keep, extra = _weighted_zeropoints(
+            star_zp, np.where(np.isfinite(stated), stated, 0.0), index,
+            ok & np.isfinite(stated), len(groups), clip_sigma=clip_sigma,
+            maxiters=maxiters, min_stars=min_stars,
+        )  # fmt: skip
+        order = np.argsort(index[keep], kind="stable")
+        members = np.nonzero(keep)[0][order]
+        bounds = np.searchsorted(index[members], np.arange(len(groups) + 1))
+        n_kept = np.diff(bounds).astype(np.int64)
+        scatter = np.full(len(groups), np.nan)
+        for g in np.nonzero(np.isfinite(zp))[0]:
+            kept = members[bounds[g] : bounds[g + 1]]
+            scatter[g] = float(np.std(star_zp[kept], ddof=1))
+            if term.fitted:
+                colour_err = term.err * abs(float(np.mean(colour[kept])) - pivot)
+                err[g] = float(np.hypot(err[g], colour_err))
+        return ZeroPoints(
+            group=groups, zp=zp, zp_err=err, n_stars=n_kept, scatter=scatter,
+            colour_term=term, extra_scatter=extra,
+        )  # fmt: skip
     zp = np.full(len(groups), np.nan)
     err = np.full(len(groups), np.nan)
     scatter = np.full(len(groups), np.nan)
@@ -361,8 +530,8 @@ def classical_zeropoints(
         kept_of[k] = kept
     star_var = _star_variance(m_inst_err, m_ref_err, star_zp, zp, kept_of)
     for k, kept in kept_of.items():
-        sigma2 = float(np.mean(star_var[kept])) if star_var is not None else scatter[k] ** 2
         colour_err = term.err * abs(float(np.mean(colour[kept])) - pivot) if term.fitted else 0.0
+        sigma2 = float(np.mean(star_var[kept])) if star_var is not None else scatter[k] ** 2
         median_err = np.sqrt(median_variance_factor(len(kept)) * sigma2 / len(kept))
         err[k] = float(np.hypot(median_err, colour_err))
     return ZeroPoints(

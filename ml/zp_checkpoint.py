@@ -5,8 +5,10 @@ A checkpoint is a directory:
 - ``model.safetensors``: the weights (safetensors: no pickle, so loading a
   checkpoint cannot run code);
 - ``model_card.json``: the model config, the training config, a hash of the
-  training data, the metrics measured on held-out nights, the photocal and torch
-  versions and the code revision, and the zero-point convention;
+  training data, the metrics measured on held-out nights, the clear-sky models
+  by instrument (ml/zp_clearsky.py: the context needs them), the interval
+  calibration, the photocal and torch versions and the code revision, and the
+  zero-point convention;
 - ``model.onnx`` (optional): the network exported for CPU scoring with
   onnxruntime, checked against eager PyTorch when it is written.
 """
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ml.zp_features import INPUT_NAMES, TARGET_SCALE_MAG, FeatureSet, model_inputs
 from ml.zp_model import AZPRC, AZPRCConfig
+from ml.zp_train import Z95
 
 WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
@@ -34,7 +37,10 @@ ONNX = "model.onnx"
 def data_hash(features: FeatureSet) -> str:
     """SHA-256 of the arrays a model was trained on (which nights, which values)."""
     h = hashlib.sha256()
-    for name in ("patch", "stars", "n_stars", "telemetry", "target_mag", "domain", "expid"):
+    for name in (
+        "patch", "stars", "n_stars", "telemetry", "catalog_zp_mag", "catalog_zp_err_mag",
+        "plane_zp_mag", "log_sky", "mjd", "target_mag", "domain", "expid",
+    ):  # fmt: skip
         h.update(np.ascontiguousarray(getattr(features, name)).tobytes())
     h.update("\n".join(map(str, features.night)).encode())
     return h.hexdigest()
@@ -71,15 +77,15 @@ def load_checkpoint(directory: str | Path, *, device: str = "cpu") -> tuple[AZPR
 
 
 class _Scoring(torch.nn.Module):
-    """What is exported: offset and log-variance (no latent)."""
+    """What is exported: offset, log-variance and the 95 % tail factor."""
 
     def __init__(self, model: AZPRC) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, patch, stars, n_stars, summary, telemetry):  # type: ignore[no-untyped-def]
-        offset, log_var, _ = self.model(patch, stars, n_stars, summary, telemetry)
-        return offset, log_var
+    def forward(self, patch, stars, n_stars, summary, telemetry, context):  # type: ignore[no-untyped-def]
+        parts = self.model.forward_parts(patch, stars, n_stars, summary, telemetry, context)
+        return parts.offset, parts.log_var, parts.tail
 
 
 def export_onnx(model: AZPRC, example: FeatureSet, path: str | Path) -> Path:
@@ -90,14 +96,14 @@ def export_onnx(model: AZPRC, example: FeatureSet, path: str | Path) -> Path:
     tensors = tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)
     batch = torch.export.Dim("batch", min=1)
     stars = torch.export.Dim("stars", min=2)
-    dynamic = ({0: batch}, {0: batch, 1: stars}, {0: batch}, {0: batch}, {0: batch})
+    dynamic = ({0: batch}, {0: batch, 1: stars}, {0: batch}, {0: batch}, {0: batch}, {0: batch})
     model = model.cpu().eval()
     torch.onnx.export(
         _Scoring(model).eval(),
         tensors,
         str(path),
         input_names=list(INPUT_NAMES),
-        output_names=["offset", "log_var"],
+        output_names=["offset", "log_var", "tail"],
         dynamic_shapes=dynamic,
         verbose=False,
     )
@@ -123,9 +129,12 @@ class OnnxScorer:
         )
 
     def predict(self, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-        """Offset and 1-sigma uncertainty [mag], shape (n,)."""
-        offset, log_var = self.session.run(None, model_inputs(features))
-        return (
-            offset.astype(np.float64) * TARGET_SCALE_MAG,
-            np.exp(0.5 * log_var.astype(np.float64)) * TARGET_SCALE_MAG,
-        )
+        """Offset and 1-sigma (68.3 %) uncertainty [mag], shape (n,)."""
+        offset, sigma, _ = self.intervals(features)
+        return offset, sigma
+
+    def intervals(self, features: FeatureSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offset and the half-widths of its 68.3 % and 95 % intervals [mag]."""
+        offset, log_var, tail = self.session.run(None, model_inputs(features))
+        sigma = np.exp(0.5 * log_var.astype(np.float64)) * TARGET_SCALE_MAG
+        return offset.astype(np.float64) * TARGET_SCALE_MAG, sigma, Z95 * tail * sigma

@@ -12,22 +12,31 @@ card); the network predicts ``offset`` (extinction, clouds, telemetry-driven
 losses), the same quantity on every instrument.
 
 Star channels (the paper's five, adapted): the reference magnitude, the colour,
-the star's distance from the quadrant centre, the measurement error, and the
-instrumental magnitude as the star's own zero-point offset
-``m_ref - m_inst - zp_nominal``. Airmass is per exposure and goes with the
-telemetry; the instrumental magnitude enters relative to the reference so that
-the network does not have to learn a subtraction to 1 mmag.
+the star's position in the quadrant (x, y: the spatial pattern a cloud edge
+leaves), the measurement error, and the instrumental magnitude as the star's
+own zero-point offset ``m_ref - m_inst - zp_nominal``. Airmass is per exposure
+and goes with the telemetry; the instrumental magnitude enters relative to the
+reference so that the network does not have to learn a subtraction to 1 mmag.
+
+The exposure's zero point from its stars comes three ways, all from
+calib.zeropoint over the night's exposures at once (so that the extra
+per-star scatter is measured on the whole night): the classical, the
+inverse-variance weighted clipped mean (the honest baseline); the sigma-clipped
+median (what issue 7 compared with); and a weighted plane fit over the
+quadrant, whose intercept is the zero point at the centre when clouds leave a
+gradient. The night context and the clear-sky model (ml/zp_context.py,
+ml/zp_clearsky.py) are attached afterwards: they depend on a fitted model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from calib.zeropoint import classical_zeropoints
 
-STAR_CHANNELS = ("mag_ref", "colour", "radius", "log_mag_err", "star_offset")
+STAR_CHANNELS = ("mag_ref", "colour", "x", "y", "log_mag_err", "star_offset")
 TELEMETRY_CHANNELS = ("airmass", "out_temp_c", "out_rhum_pct", "wind_mps", "g", "r", "i")
 BANDS = ("g", "r", "i")
 TARGET_SCALE_MAG = 0.1
@@ -36,14 +45,30 @@ PATCH_SCALE_E_S = 100.0
 """Patches are ``asinh(image / 100 e-/s)``: a dark sky sits near 1, stars rise
 logarithmically, and the level (clouds dim stars and brighten the sky) is kept."""
 MAX_STARS = 64
-INPUT_NAMES = ("patch", "stars", "n_stars", "summary", "telemetry")
+SUMMARY_CHANNELS = (
+    "classical", "classical_log_err", "has_classical",
+    "plane", "plane_log_err", "has_plane",
+    "clear_sky", "has_clear_sky",
+    "sparse", "sparse_log_err", "has_sparse",
+)  # fmt: skip
+"""The exposure-level estimates the network reads (:func:`summary_tensor`)."""
+CONTEXT_LENGTH = 8
+"""Previous exposures of the night the context holds (ml/zp_context.py)."""
+CONTEXT_CHANNELS = (
+    "dt_h", "residual", "log_err", "has_zp", "same_band", "d_airmass", "d_log_sky", "valid",
+    "pull",
+)  # fmt: skip
+INPUT_NAMES = ("patch", "stars", "n_stars", "summary", "telemetry", "context")
 """The network's inputs, in the order ``AZPRC.forward`` takes them."""
+MIN_PLANE_STARS = 8
+"""A plane fit needs this many kept stars (three parameters and some to spare)."""
 
 
 def star_tensor(
     mag_ref: np.ndarray,
     colour: np.ndarray,
-    radius: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
     mag_inst: np.ndarray,
     mag_inst_err: np.ndarray,
     *,
@@ -56,8 +81,8 @@ def star_tensor(
     ----------
     mag_ref, colour : ndarray, shape (n,), mag
         Reference magnitude in the exposure's band and colour (``bp_rp``).
-    radius : ndarray, shape (n,)
-        Distance from the quadrant centre over the half-diagonal (0..1).
+    x, y : ndarray, shape (n,)
+        Position in the quadrant, -1..1 from its centre.
     mag_inst, mag_inst_err : ndarray, shape (n,), mag
         Instrumental magnitude ``-2.5 log10(flux_e / exptime_s)`` and its error.
     zp_nominal_mag : float, mag
@@ -67,74 +92,154 @@ def star_tensor(
 
     Returns
     -------
-    stars : ndarray, shape (max_stars, 5), float32
+    stars : ndarray, shape (max_stars, 6), float32
         Channels :data:`STAR_CHANNELS`, zero-padded after the ``n`` stars.
     n : int
     """
-    arrays = [np.asarray(a, dtype=np.float64) for a in (mag_ref, colour, radius, mag_inst)]
+    arrays = [np.asarray(a, dtype=np.float64) for a in (mag_ref, colour, x, y, mag_inst)]
     err = np.asarray(mag_inst_err, dtype=np.float64)
     if len({a.shape for a in [*arrays, err]}) != 1:
-        raise ValueError("star_tensor: mag_ref, colour, radius, mag_inst, mag_inst_err differ")
+        raise ValueError("star_tensor: mag_ref, colour, x, y, mag_inst, mag_inst_err differ")
     if max_stars < 1:
         raise ValueError(f"max_stars must be >= 1, got {max_stars}")
-    mag_ref, colour, radius, mag_inst = arrays
-    ok = np.isfinite(mag_ref) & np.isfinite(colour) & np.isfinite(mag_inst)
-    ok &= np.isfinite(err) & (err > 0)
-    idx = np.nonzero(ok)[0]
+    mag_ref, colour, x, y, mag_inst = arrays
+    idx = np.nonzero(_usable(mag_ref, mag_inst, err) & np.isfinite(colour))[0]
     idx = idx[np.argsort(mag_ref[idx], kind="stable")[:max_stars]]
     out = np.zeros((max_stars, len(STAR_CHANNELS)), dtype=np.float32)
     n = len(idx)
     out[:n, 0] = (mag_ref[idx] - 17.0) / 2.0
     out[:n, 1] = colour[idx] - 1.0
-    out[:n, 2] = np.clip(radius[idx], 0.0, 1.5)
-    out[:n, 3] = np.log10(np.maximum(err[idx], 1e-4) / 0.01)
-    out[:n, 4] = (mag_ref[idx] - mag_inst[idx] - zp_nominal_mag) / TARGET_SCALE_MAG
+    out[:n, 2] = np.clip(np.nan_to_num(x[idx]), -1.5, 1.5)
+    out[:n, 3] = np.clip(np.nan_to_num(y[idx]), -1.5, 1.5)
+    out[:n, 4] = np.log10(np.maximum(err[idx], 1e-4) / 0.01)
+    out[:n, 5] = (mag_ref[idx] - mag_inst[idx] - zp_nominal_mag) / TARGET_SCALE_MAG
     return out, n
 
 
-def catalog_zero_point(
-    mag_ref: np.ndarray,
-    mag_inst: np.ndarray,
-    mag_inst_err: np.ndarray,
+def _usable(mag_ref: np.ndarray, mag_inst: np.ndarray, err: np.ndarray) -> np.ndarray:
+    return np.isfinite(mag_ref) & np.isfinite(mag_inst) & np.isfinite(err) & (err > 0)
+
+
+@dataclass(frozen=True)
+class StarZeroPoints:
+    """The zero-point offsets [mag] the stars of each exposure give, shape (n,)
+    each; NaN where an estimator has too few stars (3 for the classical and the
+    median, :data:`MIN_PLANE_STARS` for the plane). ``sparse`` is the weighted
+    mean of the one or two stars of an exposure too sparse for the classical
+    (no clipping is possible with so few: the network weighs it)."""
+
+    classical: np.ndarray
+    classical_err: np.ndarray
+    median: np.ndarray
+    plane: np.ndarray
+    plane_err: np.ndarray
+    sparse: np.ndarray
+    sparse_err: np.ndarray
+
+
+def star_zero_points(
+    star_offset: list[np.ndarray],
+    err: list[np.ndarray],
+    x: list[np.ndarray],
+    y: list[np.ndarray],
     *,
-    zp_nominal_mag: float,
     min_stars: int = 3,
-) -> tuple[float, float]:
-    """The classical zero-point offset of one exposure [mag] and its error: the
-    sigma-clipped median of the stars' ``m_ref - m_inst - zp_nominal``
-    (calib.zeropoint, no colour term). NaN, NaN with fewer than ``min_stars``.
+    clip_sigma: float = 3.0,
+    median: bool = False,
+) -> StarZeroPoints:
+    """The zero-point offsets of the exposures of one night from their stars
+    (the median only with ``median``: benchmarks compare with it, the network
+    does not read it).
 
-    The paper's catalog-level feature ("weighted average of catalog zero-point
-    offsets"), and on its own the honest baseline.
+    Parameters
+    ----------
+    star_offset, err : list of ndarray, shape (n_i,), mag
+        Per exposure, each usable star's ``m_ref - m_inst - zp_nominal`` and
+        the error of ``m_inst``.
+    x, y : list of ndarray, shape (n_i,)
+        Positions in the quadrant, -1..1 from its centre.
+
+    The classical is calib.zeropoint's weighted estimator and the median its
+    default one (no colour term), both over the night at once so the extra
+    scatter is measured on every exposure's stars; the plane is a weighted
+    least-squares ``a + b x + c y`` over the stars the classical kept, with the
+    same per-star variance, and its value is ``a``.
     """
-    ref, inst, err = (np.asarray(a, dtype=np.float64) for a in (mag_ref, mag_inst, mag_inst_err))
-    ok = np.isfinite(ref) & np.isfinite(inst) & np.isfinite(err) & (err > 0)
-    if ok.sum() < min_stars:
+    n_exp = len(star_offset)
+    if not (len(err) == len(x) == len(y) == n_exp):
+        raise ValueError("star_zero_points: one array per exposure for each argument")
+    counts = np.array([len(s) for s in star_offset])
+    out = StarZeroPoints(*(np.full(n_exp, np.nan) for _ in fields(StarZeroPoints)))
+    if counts.sum() == 0:
+        return out
+    group = np.repeat(np.arange(n_exp), counts)
+    offset = np.concatenate(star_offset).astype(np.float64)
+    e = np.concatenate(err).astype(np.float64)
+    args = (np.zeros_like(offset), offset, np.zeros_like(offset), group)  # m_ref - m_inst
+    common = {"m_inst_err": e, "colour_term": 0.0, "min_stars": min_stars, "clip_sigma": clip_sigma}
+    if median:
+        med = classical_zeropoints(*args, **common)
+        out.median[med.group] = med.zp
+    wtd = classical_zeropoints(*args, **common, estimator="weighted")
+    out.classical[wtd.group] = wtd.zp
+    out.classical_err[wtd.group] = wtd.zp_err
+    extra2 = float(np.nan_to_num(wtd.extra_scatter)) ** 2
+    for k in np.nonzero(np.isfinite(out.classical))[0]:
+        out.plane[k], out.plane_err[k] = _plane_fit(
+            star_offset[k], err[k] ** 2 + extra2, x[k], y[k], out.classical[k], clip_sigma
+        )
+    for k in np.nonzero(~np.isfinite(out.classical) & (counts > 0) & (counts < min_stars))[0]:
+        w = 1.0 / (err[k] ** 2 + extra2)
+        out.sparse[k] = float(np.sum(w * star_offset[k]) / np.sum(w))
+        out.sparse_err[k] = float(1.0 / np.sqrt(np.sum(w)))
+    return out
+
+
+def _plane_fit(
+    offset: np.ndarray, var: np.ndarray, x: np.ndarray, y: np.ndarray, centre: float, clip: float
+) -> tuple[float, float]:
+    """Intercept of a weighted plane through the stars within ``clip`` sigma of
+    ``centre``, and its error; NaN, NaN when too few or degenerate."""
+    keep = np.abs(offset - centre) <= clip * np.sqrt(var)
+    keep &= np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < MIN_PLANE_STARS:
         return float("nan"), float("nan")
-    zps = classical_zeropoints(
-        inst[ok] + zp_nominal_mag,
-        ref[ok],
-        np.zeros(ok.sum()),
-        np.zeros(ok.sum(), dtype=np.int64),
-        m_inst_err=err[ok],
-        colour_term=0.0,
-        min_stars=min_stars,
-    )
-    return float(zps.zp[0]), float(zps.zp_err[0])
+    design = np.column_stack([np.ones(keep.sum()), x[keep], y[keep]])
+    w = 1.0 / var[keep]
+    normal = design.T @ (design * w[:, None])
+    if np.linalg.cond(normal) > 1e8:
+        return float("nan"), float("nan")
+    cov = np.linalg.inv(normal)
+    coef = cov @ (design.T @ (w * offset[keep]))
+    return float(coef[0]), float(np.sqrt(cov[0, 0]))
 
 
-def catalog_summary(zp_mag: np.ndarray, zp_err_mag: np.ndarray) -> np.ndarray:
-    """The catalog zero point as the network reads it: shape (n, 3), float32,
-    (offset in model units or 0, log10(error / 10 mmag) or 2, present 1/0)."""
-    zp, err = np.asarray(zp_mag, dtype=np.float64), np.asarray(zp_err_mag, dtype=np.float64)
-    ok = np.isfinite(zp) & np.isfinite(err) & (err > 0)
-    return np.column_stack(
-        [
-            np.where(ok, zp, 0.0) / TARGET_SCALE_MAG,
-            np.where(ok, np.log10(np.where(ok, err, 1.0) / 0.01), 2.0),
-            ok.astype(np.float64),
-        ]
-    ).astype(np.float32)
+def log_error_channel(err: np.ndarray, present: np.ndarray, *, missing: float = 2.0) -> np.ndarray:
+    """An error as the network reads it: log10(error / 10 mmag), ``missing``
+    where there is no estimate."""
+    safe = np.where(present & (err > 0), err, 0.01)
+    return np.where(present, np.log10(safe / 0.01), missing)
+
+
+def summary_tensor(features: FeatureSet, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+    """The exposure-level estimates of ``rows`` as the network reads them:
+    shape (n, 11), float32, channels :data:`SUMMARY_CHANNELS`; offsets in model
+    units (0 where absent, with the ``has_*`` flag 0)."""
+
+    def estimate(value: np.ndarray, err: np.ndarray) -> list[np.ndarray]:
+        ok = np.isfinite(value) & np.isfinite(err) & (err > 0)
+        return [np.where(ok, value, 0.0) / TARGET_SCALE_MAG, log_error_channel(err, ok), ok]
+
+    clear_sky = features.clear_sky_mag[rows]
+    clear = np.isfinite(clear_sky)
+    cols = [
+        *estimate(features.catalog_zp_mag[rows], features.catalog_zp_err_mag[rows]),
+        *estimate(features.plane_zp_mag[rows], features.plane_zp_err_mag[rows]),
+        np.where(clear, clear_sky, 0.0) / TARGET_SCALE_MAG,
+        clear,
+        *estimate(features.sparse_zp_mag[rows], features.sparse_zp_err_mag[rows]),
+    ]
+    return np.column_stack(cols).astype(np.float32)
 
 
 def telemetry_vector(
@@ -201,12 +306,28 @@ class FeatureSet:
     Attributes
     ----------
     patch : ndarray, shape (n, P, P), float32
-    stars : ndarray, shape (n, S, 5), float32
+    stars : ndarray, shape (n, S, 6), float32
     n_stars : ndarray, shape (n,), int64
     telemetry : ndarray, shape (n, 7), float32
     catalog_zp_mag, catalog_zp_err_mag : ndarray, shape (n,), mag
-        The classical zero-point offset of all the exposure's usable stars and
-        its error (:func:`catalog_zero_point`); NaN with fewer than 3 stars.
+        The classical zero-point offset of all the exposure's usable stars
+        (weighted clipped mean, :func:`star_zero_points`) and its error; NaN
+        with fewer than 3 stars.
+    median_zp_mag : ndarray, shape (n,), mag
+        The sigma-clipped median of the same stars (NaN unless asked for).
+    plane_zp_mag, plane_zp_err_mag : ndarray, shape (n,), mag
+        The weighted plane fit's value at the quadrant centre and its error.
+    sparse_zp_mag, sparse_zp_err_mag : ndarray, shape (n,), mag
+        The weighted mean of an exposure with only one or two stars.
+    log_sky : ndarray, shape (n,)
+        log10 of the patch's median [e-/s per pixel].
+    mjd : ndarray, shape (n,)
+        Exposure time: the night context reads the exposures before.
+    clear_sky_mag : ndarray, shape (n,), mag
+        The instrument's clear-sky offset for the exposure's band, airmass and
+        telemetry (ml/zp_clearsky.py); NaN until attached.
+    context : ndarray, shape (n, L, 9), float32
+        The night context (ml/zp_context.py); zeros until attached.
     target_mag : ndarray, shape (n,), mag
         The zero-point offset to learn (NaN where unknown, e.g. before ubercal).
     domain : ndarray, shape (n,), int64
@@ -222,6 +343,15 @@ class FeatureSet:
     telemetry: np.ndarray
     catalog_zp_mag: np.ndarray
     catalog_zp_err_mag: np.ndarray
+    median_zp_mag: np.ndarray
+    plane_zp_mag: np.ndarray
+    plane_zp_err_mag: np.ndarray
+    sparse_zp_mag: np.ndarray
+    sparse_zp_err_mag: np.ndarray
+    log_sky: np.ndarray
+    mjd: np.ndarray
+    clear_sky_mag: np.ndarray
+    context: np.ndarray
     target_mag: np.ndarray
     domain: np.ndarray
     night: np.ndarray
@@ -240,6 +370,10 @@ class FeatureSet:
 
     def select(self, rows: np.ndarray) -> FeatureSet:
         return FeatureSet(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def with_context(self, clear_sky_mag: np.ndarray, context: np.ndarray) -> FeatureSet:
+        """The same exposures with the clear-sky offsets and night context attached."""
+        return replace(self, clear_sky_mag=np.asarray(clear_sky_mag, float), context=context)
 
     @staticmethod
     def concat(parts: list[FeatureSet]) -> FeatureSet:
@@ -281,22 +415,23 @@ def model_inputs(
         "patch": np.ascontiguousarray(features.patch[rows], dtype=np.float32),
         "stars": np.ascontiguousarray(features.stars[rows], dtype=np.float32),
         "n_stars": np.ascontiguousarray(features.n_stars[rows], dtype=np.int64),
-        "summary": catalog_summary(
-            features.catalog_zp_mag[rows], features.catalog_zp_err_mag[rows]
-        ),
+        "summary": summary_tensor(features, rows),
         "telemetry": np.ascontiguousarray(features.telemetry[rows], dtype=np.float32),
+        "context": np.ascontiguousarray(features.context[rows], dtype=np.float32),
     }
 
 
 @dataclass(frozen=True)
 class ExposureInputs:
     """What one exposure hands the feature code, from the pipeline or the
-    simulator: telemetry, the patch (e-/s per pixel), the matched clean stars
-    (arrays of shape (n,)), and the target offset (NaN when unknown)."""
+    simulator: time, telemetry, the patch (e-/s per pixel), the matched clean
+    stars (arrays of shape (n,); ``x``, ``y`` -1..1 from the quadrant centre),
+    and the target offset (NaN when unknown)."""
 
     expid: int
     night: str
     domain: int
+    mjd: float
     band: str
     airmass: float
     out_temp_c: float
@@ -305,38 +440,59 @@ class ExposureInputs:
     image_e_s: np.ndarray
     mag_ref: np.ndarray
     colour: np.ndarray
-    radius: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
     mag_inst: np.ndarray
     mag_inst_err: np.ndarray
     zp_nominal_mag: float
     target_mag: float
 
 
+def _star_columns(e: ExposureInputs) -> tuple[np.ndarray, ...]:
+    """The usable stars' offset, error, x and y."""
+    ref, inst, err = (
+        np.asarray(a, dtype=np.float64) for a in (e.mag_ref, e.mag_inst, e.mag_inst_err)
+    )
+    ok = _usable(ref, inst, err)
+    x, y = (np.asarray(a, dtype=np.float64)[ok] for a in (e.x, e.y))
+    return ref[ok] - inst[ok] - e.zp_nominal_mag, err[ok], x, y
+
+
+def _log_sky(image_e_s: np.ndarray) -> float:
+    finite = np.asarray(image_e_s, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.log10(max(float(np.median(finite)), 1e-3))) if finite.size else float("nan")
+
+
 def build_features(
-    exposures: list[ExposureInputs], *, patch_px: int, max_stars: int = MAX_STARS
+    exposures: list[ExposureInputs],
+    *,
+    patch_px: int,
+    max_stars: int = MAX_STARS,
+    median: bool = False,
 ) -> FeatureSet:
-    """The feature set of many exposures (one code path for every source)."""
+    """The feature set of many exposures (one code path for every source);
+    the stars' zero points are measured night by night (the median too with
+    ``median``)."""
     if not exposures:
         raise ValueError("build_features: no exposures")
-    stars, counts, zps = [], [], []
+    stars, counts = [], []
     for e in exposures:
         tensor, n = star_tensor(
-            e.mag_ref,
-            e.colour,
-            e.radius,
-            e.mag_inst,
-            e.mag_inst_err,
-            zp_nominal_mag=e.zp_nominal_mag,
-            max_stars=max_stars,
-        )
+            e.mag_ref, e.colour, e.x, e.y, e.mag_inst, e.mag_inst_err,
+            zp_nominal_mag=e.zp_nominal_mag, max_stars=max_stars,
+        )  # fmt: skip
         stars.append(tensor)
         counts.append(n)
-        zps.append(
-            catalog_zero_point(
-                e.mag_ref, e.mag_inst, e.mag_inst_err, zp_nominal_mag=e.zp_nominal_mag
-            )
-        )
-    zp = np.array(zps, dtype=np.float64).reshape(-1, 2)
+    nights = np.array([f"{e.domain}/{e.night}" for e in exposures])
+    zps = {f.name: np.full(len(exposures), np.nan) for f in fields(StarZeroPoints)}
+    for night in np.unique(nights):
+        rows = np.nonzero(nights == night)[0]
+        columns = [_star_columns(exposures[k]) for k in rows]
+        found = star_zero_points(*(list(c) for c in zip(*columns, strict=True)), median=median)
+        for name in zps:
+            zps[name][rows] = getattr(found, name)
+    n = len(exposures)
     return FeatureSet(
         patch=np.stack([patch_image(e.image_e_s, patch_px) for e in exposures]),
         stars=np.stack(stars),
@@ -353,8 +509,17 @@ def build_features(
                 for e in exposures
             ]
         ),
-        catalog_zp_mag=zp[:, 0],
-        catalog_zp_err_mag=zp[:, 1],
+        catalog_zp_mag=zps["classical"],
+        catalog_zp_err_mag=zps["classical_err"],
+        median_zp_mag=zps["median"],
+        plane_zp_mag=zps["plane"],
+        plane_zp_err_mag=zps["plane_err"],
+        sparse_zp_mag=zps["sparse"],
+        sparse_zp_err_mag=zps["sparse_err"],
+        log_sky=np.array([_log_sky(e.image_e_s) for e in exposures]),
+        mjd=np.array([e.mjd for e in exposures], dtype=np.float64),
+        clear_sky_mag=np.full(n, np.nan),
+        context=np.zeros((n, CONTEXT_LENGTH, len(CONTEXT_CHANNELS)), dtype=np.float32),
         target_mag=np.array([e.target_mag for e in exposures], dtype=np.float64),
         domain=np.array([e.domain for e in exposures], dtype=np.int64),
         night=np.array([e.night for e in exposures]),

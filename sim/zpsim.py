@@ -15,6 +15,11 @@ and a star at position ``u`` in the quadrant also sees the cloud gradient
 photon and read noise, a noise floor, variables and cosmic-ray outliers; fields
 range from crowded to nearly empty, and thick clouds empty them further.
 
+The dark sky scatters by 0.3 mag from exposure to exposure (moon, airglow,
+pointing), as in the pixel simulator (sim/schedule.py), and clouds brighten it
+by ``1 + 1.5 cloud``: the sky level says that a night is cloudy, not by how
+many millimagnitudes.
+
 The patch stands for a 256x256-pixel cut of the quadrant's centre block-averaged
 to ``patch_px`` (what ml/zp_features.patch_image makes of a pipeline patch).
 """
@@ -28,10 +33,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim._random import rng_for
-from sim.schedule import EXTINCTION_PER_AIRMASS, SKY_MAG_ARCSEC2, cloud_curve, telemetry_zp_loss_mag
+from sim.schedule import (
+    EXTINCTION_PER_AIRMASS,
+    MJD_UNIX_EPOCH,
+    SKY_MAG_ARCSEC2,
+    cloud_curve,
+    telemetry_zp_loss_mag,
+)
 
 NATIVE_PATCH_PX = 256
 QUADRANT_PX = 3072
+SKY_SCATTER_MAG = 0.3
+"""Exposure-to-exposure scatter of the dark sky (sim/schedule.py draws the same)."""
+DUSK_HOUR = 19.0
+"""Local hour of a night's first possible exposure (mjd only; nothing depends on it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,12 +147,15 @@ class ZPExposure:
     """What the feature code gets from one simulated exposure, plus its truth.
 
     ``image_e_s`` is the patch (patch_px, patch_px) in e-/s per native pixel;
-    star arrays are the detected stars; ``offset_mag`` and ``cloud_mag`` are true.
+    star arrays are the detected stars, ``x`` and ``y`` their position in the
+    quadrant (-1..1 from its centre, ``radius`` the distance over the
+    half-diagonal); ``offset_mag`` and ``cloud_mag`` are true.
     """
 
     domain: int
     night: str
     expid: int
+    mjd: float
     band: str
     airmass: float
     out_temp_c: float
@@ -146,6 +164,8 @@ class ZPExposure:
     image_e_s: np.ndarray
     mag_ref: np.ndarray
     colour: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
     radius: np.ndarray
     mag_inst: np.ndarray
     mag_inst_err: np.ndarray
@@ -181,6 +201,7 @@ def simulate_zp_exposures(
 
 
 def _night(domain, night, n, n_exp, patch_px, rng) -> list[ZPExposure]:
+    mjd0 = (dt.date.fromisoformat(night) - dt.date(1970, 1, 1)).days + MJD_UNIX_EPOCH
     hours = np.sort(rng.uniform(0.0, 8.0, size=n_exp))
     cloudy = rng.uniform() < domain.cloudy_fraction
     clouds = cloud_curve(rng, hours) * rng.uniform(0.3, 2.5) if cloudy else np.zeros(n_exp)
@@ -200,13 +221,16 @@ def _night(domain, night, n, n_exp, patch_px, rng) -> list[ZPExposure]:
         offset = -extinction - float(clouds[k]) - loss
         seeing = domain.seeing_arcsec * math.exp(rng.normal(0, 0.15)) * x_air**0.6
         gradient = rng.normal(0.0, 0.015, size=2) if cloudy else np.zeros(2)
-        stars = _stars(domain, band, offset, float(clouds[k]), seeing, gradient, rng)
-        image = _patch(domain, band, offset, float(clouds[k]), seeing, patch_px, rng)
+        sky_scatter = rng.normal(0.0, SKY_SCATTER_MAG)
+        sky = _sky_e_s_per_px(domain, band, offset, float(clouds[k]), sky_scatter)
+        stars = _stars(domain, band, offset, sky, seeing, gradient, rng)
+        image = _patch(domain, band, offset, sky, seeing, patch_px, rng)
         out.append(
             ZPExposure(
                 domain=domain.index,
                 night=night,
                 expid=(domain.index + 1) * 10**8 + (n + 1) * 10**4 + k + 1,
+                mjd=float(mjd0 + (DUSK_HOUR + h) / 24.0),
                 band=band,
                 airmass=x_air,
                 out_temp_c=temp,
@@ -222,14 +246,14 @@ def _night(domain, night, n, n_exp, patch_px, rng) -> list[ZPExposure]:
     return out
 
 
-def _sky_e_s_per_px(domain, band, offset, cloud) -> float:
+def _sky_e_s_per_px(domain, band, offset, cloud, scatter_mag) -> float:
     """Sky per native pixel; clouds scatter moon- and city-light back (brighter)."""
-    mag = SKY_MAG_ARCSEC2[band] - 2.5 * math.log10(1.0 + 1.5 * cloud)
+    mag = SKY_MAG_ARCSEC2[band] + scatter_mag - 2.5 * math.log10(1.0 + 1.5 * cloud)
     zp = domain.zp_nominal_mag[band] + offset + cloud  # the sky light is not behind the cloud
     return 10.0 ** (-0.4 * (mag - zp)) * domain.pixel_scale_arcsec**2
 
 
-def _stars(domain, band, offset, cloud, seeing, gradient, rng) -> dict[str, np.ndarray]:
+def _stars(domain, band, offset, sky_e_s, seeing, gradient, rng) -> dict[str, np.ndarray]:
     n_all = rng.poisson(math.exp(rng.uniform(*np.log(domain.stars_range))) * 2.0)
     # N(<m) grows as 10^(0.3 m); half the stars above mag 21 sit in 21..22.
     u = rng.uniform(size=n_all)
@@ -243,7 +267,7 @@ def _stars(domain, band, offset, cloud, seeing, gradient, rng) -> dict[str, np.n
     flux_e = t * 10.0 ** (-0.4 * (mag - zp))
     fwhm_px = seeing / domain.pixel_scale_arcsec
     area = math.pi * (1.5 * fwhm_px) ** 2
-    sky_e = _sky_e_s_per_px(domain, band, offset, cloud) * t
+    sky_e = sky_e_s * t
     var = flux_e + area * (sky_e + domain.read_noise_e**2)
     err = 1.0857 * np.sqrt(var) / flux_e
     keep = (flux_e / np.sqrt(var) > 5.0) & (flux_e < 3e5)  # S/N cut, saturation
@@ -259,18 +283,19 @@ def _stars(domain, band, offset, cloud, seeing, gradient, rng) -> dict[str, np.n
     return {
         "mag_ref": mag,
         "colour": colour,
+        "x": xy[:, 0],
+        "y": xy[:, 1],
         "radius": np.hypot(xy[:, 0], xy[:, 1]) / math.sqrt(2.0),
         "mag_inst": mag_inst,
         "mag_inst_err": err,
     }
 
 
-def _patch(domain, band, offset, cloud, seeing, patch_px, rng) -> np.ndarray:
+def _patch(domain, band, offset, sky, seeing, patch_px, rng) -> np.ndarray:
     """The quadrant's central 256x256 pixels block-averaged to ``patch_px``, in
     e-/s per native pixel, with photon and read noise."""
     f = NATIVE_PATCH_PX // patch_px
     t = domain.exptime_s
-    sky = _sky_e_s_per_px(domain, band, offset, cloud)
     density = math.exp(rng.uniform(*np.log(domain.stars_range))) * 4.0
     n = rng.poisson(density * (NATIVE_PATCH_PX / QUADRANT_PX) ** 2)
     u = rng.uniform(size=n)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,11 @@ from ml.zp_checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ml.zp_clearsky import ClearSkyModels, fit_clear_sky_models
+from ml.zp_context import attach_context
 from ml.zp_features import (
+    CONTEXT_CHANNELS,
+    CONTEXT_LENGTH,
     MAX_STARS,
     STAR_CHANNELS,
     TELEMETRY_CHANNELS,
@@ -32,8 +37,14 @@ from ml.zp_features import (
     build_features,
     split_by_night,
 )
-from ml.zp_model import AZPRCConfig
-from ml.zp_train import TrainConfig, predict, train_zp_network
+from ml.zp_model import AZPRC, ESTIMATES, AZPRCConfig
+from ml.zp_train import (
+    TrainConfig,
+    predict,
+    predict_intervals,
+    stars_consistency,
+    train_zp_network,
+)
 from sim.zpsim import DOMAINS, ZPExposure, simulate_zp_exposures
 from tasks.config import StageConfig
 from tasks.io import groups
@@ -48,20 +59,23 @@ from tasks.io.store import (
     read_group,
     write_group,
 )
+from tasks.logs import run_logger
 from tasks.progress import emit
 
 
 def features_from_simulation(
-    exposures: list[ZPExposure], *, patch_px: int, max_stars: int = MAX_STARS
+    exposures: list[ZPExposure], *, patch_px: int, max_stars: int = MAX_STARS, median: bool = False
 ) -> FeatureSet:
     """The simulator's feature mode through the pipeline's feature code; the
-    target is the true offset, nights are labelled by domain and date."""
+    target is the true offset, nights are labelled by domain and date (the
+    median zero point too with ``median``)."""
     return build_features(
         [
             ExposureInputs(
                 expid=e.expid,
                 night=f"{e.domain}:{e.night}",
                 domain=e.domain,
+                mjd=e.mjd,
                 band=e.band,
                 airmass=e.airmass,
                 out_temp_c=e.out_temp_c,
@@ -70,7 +84,8 @@ def features_from_simulation(
                 image_e_s=e.image_e_s,
                 mag_ref=e.mag_ref,
                 colour=e.colour,
-                radius=e.radius,
+                x=e.x,
+                y=e.y,
                 mag_inst=e.mag_inst,
                 mag_inst_err=e.mag_inst_err,
                 zp_nominal_mag=e.zp_nominal_mag,
@@ -80,6 +95,7 @@ def features_from_simulation(
         ],
         patch_px=patch_px,
         max_stars=max_stars,
+        median=median,
     )
 
 
@@ -96,8 +112,18 @@ class ZPNetworkConfig(StageConfig, table="zp"):
     )
     patch_px: int = Field(32, ge=8, description="Model patch side (256 on GPU workers).")
     cnn_channels: tuple[int, int] = Field((16, 32), description="CFE filters (paper: 64, 128).")
-    max_stars: int = Field(MAX_STARS, ge=1, description="Brightest stars the GRU reads.")
-    domain: int = Field(0, ge=0, le=2, description="Domain label of this survey's nights.")
+    gru_hidden: int = Field(32, ge=1, description="GRU hidden size per direction (paper: 64).")
+    max_stars: int = Field(
+        32, ge=1, le=MAX_STARS, description="Brightest stars the GRU reads (paper: all; 64 max)."
+    )
+    domain: int = Field(
+        2,
+        ge=0,
+        le=2,
+        description="Domain label of this survey's nights (the simulated training nights are "
+        "0 and 1): it gets its own clear-sky model, fitted to its nights' classical zero "
+        "points starting from the pooled one.",
+    )
     sim_nights: int = Field(
         40,
         ge=0,
@@ -169,6 +195,7 @@ def night_features(
                 expid=expid,
                 night=night,
                 domain=config.domain,
+                mjd=float(e.mjd),
                 band=bands[k],
                 airmass=float(e.airmass),
                 out_temp_c=float(e.out_temp_c),
@@ -177,7 +204,8 @@ def night_features(
                 image_e_s=patch_of.get(expid, blank),
                 mag_ref=getattr(refcat, f"{bands[k]}_mag")[rows],
                 colour=refcat.bp_rp[rows],
-                radius=np.hypot(x - nx / 2, y - ny / 2) / np.hypot(nx / 2, ny / 2),
+                x=(x - nx / 2) / (nx / 2),
+                y=(y - ny / 2) / (ny / 2),
                 mag_inst=catalog.mag_inst.values[obs],
                 mag_inst_err=catalog.mag_inst_err.values[obs],
                 zp_nominal_mag=config.zp_nominal_mag[bands[k]],
@@ -196,6 +224,13 @@ def _features_dataset(fs: FeatureSet) -> xr.Dataset:
             "telemetry": (("exposure", "telemetry_channel"), fs.telemetry),
             "catalog_zp": ("exposure", fs.catalog_zp_mag),
             "catalog_zp_err": ("exposure", fs.catalog_zp_err_mag),
+            "median_zp": ("exposure", fs.median_zp_mag),
+            "plane_zp": ("exposure", fs.plane_zp_mag),
+            "plane_zp_err": ("exposure", fs.plane_zp_err_mag),
+            "sparse_zp": ("exposure", fs.sparse_zp_mag),
+            "sparse_zp_err": ("exposure", fs.sparse_zp_err_mag),
+            "log_sky": ("exposure", fs.log_sky),
+            "mjd": ("exposure", fs.mjd),
             "target": ("exposure", fs.target_mag),
             "domain": ("exposure", fs.domain),
             "night": ("exposure", fs.night.astype(object)),
@@ -209,6 +244,9 @@ def _features_dataset(fs: FeatureSet) -> xr.Dataset:
 
 
 def _feature_set(ds: xr.Dataset) -> FeatureSet:
+    """The stored features (the clear-sky offsets and night context are the
+    model's to attach)."""
+    n = ds.sizes["exposure"]
     return FeatureSet(
         patch=ds.patch.values.astype(np.float32),
         stars=ds.stars.values.astype(np.float32),
@@ -216,6 +254,15 @@ def _feature_set(ds: xr.Dataset) -> FeatureSet:
         telemetry=ds.telemetry.values.astype(np.float32),
         catalog_zp_mag=ds.catalog_zp.values.astype(np.float64),
         catalog_zp_err_mag=ds.catalog_zp_err.values.astype(np.float64),
+        median_zp_mag=ds.median_zp.values.astype(np.float64),
+        plane_zp_mag=ds.plane_zp.values.astype(np.float64),
+        plane_zp_err_mag=ds.plane_zp_err.values.astype(np.float64),
+        sparse_zp_mag=ds.sparse_zp.values.astype(np.float64),
+        sparse_zp_err_mag=ds.sparse_zp_err.values.astype(np.float64),
+        log_sky=ds.log_sky.values.astype(np.float64),
+        mjd=ds.mjd.values.astype(np.float64),
+        clear_sky_mag=np.full(n, np.nan),
+        context=np.zeros((n, CONTEXT_LENGTH, len(CONTEXT_CHANNELS)), dtype=np.float32),
         target_mag=ds.target.values.astype(np.float64),
         domain=ds.domain.values.astype(np.int64),
         night=np.array([str(v) for v in ds.night.values]),
@@ -268,22 +315,36 @@ def train_zp(
 ) -> dict[str, Any]:
     """Train AZP-RC on the stored features of ``nights`` with an ubercal target
     plus the simulated nights; evaluate on held-out nights against the classical
-    zero point; write the checkpoint (weights, model card, ONNX)."""
+    zero point; write the checkpoint (weights, model card with the clear-sky
+    models, ONNX)."""
     parts = []
     if nights:
-        real = read_features(store, nights)
-        parts.append(real.select(np.isfinite(real.target_mag)))
+        parts.append(read_features(store, nights))
     simulated = simulated_training_set(config)
     if simulated is not None:
         parts.append(simulated)
-    data = FeatureSet.concat(parts)
-    if len(np.unique(data.night)) < 3:
+    if not parts:
+        raise ValueError("train_zp: no stored nights and no simulated nights (sim_nights = 0)")
+    every = FeatureSet.concat(parts)
+    with_target = np.unique(every.night[np.isfinite(every.target_mag)])
+    if len(with_target) < 3:
         raise ValueError(
-            f"train_zp: {len(np.unique(data.night))} night(s) with targets; need >= 3 "
+            f"train_zp: {len(with_target)} night(s) with targets; need >= 3 "
             "(run ubercal first, or add simulated nights with sim_nights)"
         )
+    data = every.select(np.isin(every.night, with_target))
     is_train, is_val, is_test = split_by_night(data.night, seed=config.seed)
-    model_config = AZPRCConfig(patch_px=config.patch_px, cnn_channels=config.cnn_channels)
+    # Clear-sky models from the classical zero points (no targets) of every
+    # night but the held-out ones: the survey's nights without an ubercal
+    # target too, so that its instrument (config.domain) gets its own fit
+    # rather than the simulated domains' pooled one. The context is made on
+    # whole nights.
+    held_out = np.isin(every.night, np.unique(data.night[is_test]))
+    clear_sky = fit_clear_sky_models(every.select(~held_out))
+    data = attach_context(data, clear_sky)
+    model_config = AZPRCConfig(
+        patch_px=config.patch_px, cnn_channels=config.cnn_channels, gru_hidden=config.gru_hidden
+    )
     train_config = TrainConfig(epochs=config.epochs, dann_alpha=config.dann_alpha, seed=config.seed)
     epochs = train_config.epochs
 
@@ -297,17 +358,7 @@ def train_zp(
     ran = len(trained.history) - 1
     emit("train", "zero-point network", ran, ran, "epochs")
     test = data.select(is_test)
-    pred, sigma = predict(trained.model, test)
-    answered = np.isfinite(test.catalog_zp_mag)  # the classical needs >= 3 stars
-    metrics = {
-        "azprc": regression_metrics(pred, sigma, test.target_mag),
-        "azprc_where_classical_answers": regression_metrics(
-            pred[answered], sigma[answered], test.target_mag[answered]
-        ),
-        "classical": regression_metrics(
-            test.catalog_zp_mag, test.catalog_zp_err_mag, test.target_mag
-        ),
-    }
+    metrics = held_out_metrics(trained.model, test)
     card = {
         "stage_config": config.model_dump(),
         "train_config": train_config.to_dict(),
@@ -320,7 +371,12 @@ def train_zp(
         },
         "metrics_test_mag": metrics,
         "best_epoch": trained.best_epoch,
-        "sigma_scale": float(trained.model.sigma_scale),
+        "interval_calibration": {
+            "regimes": list(ESTIMATES),
+            "sigma_scale": trained.model.sigma_scale.tolist(),
+            "tail_scale": trained.model.tail_scale.tolist(),
+        },
+        "clear_sky": clear_sky.to_dict(),
         "train_seconds": trained.seconds,
         "device": str(next(trained.model.parameters()).device),
         "photocal": photocal_version(),
@@ -340,8 +396,25 @@ def train_zp(
     return {"checkpoint": str(out), "metrics": metrics, "exposures": card["split_exposures"]}
 
 
+def held_out_metrics(model: AZPRC, test: FeatureSet) -> dict[str, dict[str, float]]:
+    """AZP-RC and the classical zero point on held-out exposures (features with
+    context attached): over all, and where the classical has an answer."""
+    pred, sigma, half95 = predict_intervals(model, test)
+    answered = np.isfinite(test.catalog_zp_mag)  # the classical needs >= 3 stars
+    return {
+        "azprc": regression_metrics(pred, sigma, test.target_mag, half95=half95),
+        "azprc_where_classical_answers": regression_metrics(
+            pred[answered], sigma[answered], test.target_mag[answered], half95=half95[answered]
+        ),
+        "classical": regression_metrics(
+            test.catalog_zp_mag, test.catalog_zp_err_mag, test.target_mag
+        ),
+    }
+
+
 def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
-    """Score a night's stored features with a checkpoint; write ``ml/scores/<night>``."""
+    """Score a night's stored features with a checkpoint (its clear-sky models
+    and the night's context); write ``ml/scores/<night>``."""
     model, card = load_checkpoint(checkpoint, device=str(best_device()))
     config = ZPNetworkConfig(**card["stage_config"])
     ds = read_group(store, groups.features(night))
@@ -351,7 +424,10 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
             f"{groups.features(night)} has {fs.patch.shape[1]}-px patches, the model "
             f"{model.config.patch_px}: recompute the features with the model's config"
         )
-    offset, sigma = predict(model, fs)
+    fs = attach_context(fs, ClearSkyModels.from_dict(card["clear_sky"]))
+    offset, sigma, half95 = predict_intervals(model, fs)
+    check = stars_consistency(offset, sigma, fs.catalog_zp_mag, fs.catalog_zp_err_mag)
+    sigma, half95 = sigma * check.factor, half95 * check.factor
     bands = band_of_telemetry(fs.telemetry)
     nominal = np.array([config.zp_nominal_mag[b] for b in bands])
     scores = xr.Dataset(
@@ -360,12 +436,18 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
             "band": ("exposure", np.array(bands, dtype=object)),
             "zp_offset": ("exposure", offset),
             "zp_offset_err": ("exposure", sigma),
+            "zp_offset_err95": ("exposure", half95),
             "zp": ("exposure", nominal + offset),
             "catalog_zp_offset": ("exposure", fs.catalog_zp_mag),
+            "catalog_zp_offset_err": ("exposure", fs.catalog_zp_err_mag),
+            "clear_sky_offset": ("exposure", fs.clear_sky_mag),
         }
     )
-    for name in ("zp_offset", "zp_offset_err", "zp", "catalog_zp_offset"):
-        scores[name].attrs["units"] = "mag"
+    for name in scores.data_vars:
+        if name not in ("expid", "band"):
+            scores[name].attrs["units"] = "mag"
+    scores["zp_offset_err"].attrs["meaning"] = "68.3 % interval half-width (calibrated)"
+    scores["zp_offset_err95"].attrs["meaning"] = "95 % interval half-width (calibrated)"
     attrs = provenance(
         "score-zp",
         config=config,
@@ -375,10 +457,18 @@ def score_zp(store: str, night: str, checkpoint: str) -> dict[str, Any]:
         model_card={k: card[k] for k in ("data_sha256", "code_revision", "metrics_test_mag")},
         device=str(best_device()),
         convention="zp = zp_nominal_mag[band] + zp_offset; m = m_inst + zp",
+        stars_consistency=asdict(check),
     )
     write_group(store, groups.scores(night), scores, attrs=attrs)
+    if check.factor > 1:
+        run_logger(__name__).warning(
+            "%s: the network disagrees with the night's stars (chi2 %.1f over %d "
+            "exposures, p %.1e): its intervals widened %.2fx",
+            groups.scores(night), check.chi2, check.dof, check.p_value, check.factor,
+        )  # fmt: skip
     return {
         "exposures": len(fs),
+        "interval_factor": check.factor,
         "median_offset_mag": float(np.median(offset)) if len(fs) else None,
     }
 

@@ -77,11 +77,6 @@ def test_demo_on_tiny_runs_every_stage(tiny_demo):
     assert len(pulls) == 8  # one zero point per exposure
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the network's errors against the truth are ~3x its uncertainty here (pulls "
-    "-4.4 to +4.5 over 8 exposures): trained on tiny's 2 nights + 20 simulated ones",
-)
 def test_demo_on_tiny_scores_match_the_truth_within_their_uncertainty(tiny_demo):
     """The network's scores against the truth zero points: every exposure
     within 3.3 of its own sigma, and the width two-sided."""

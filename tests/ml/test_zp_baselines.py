@@ -10,7 +10,6 @@ import pytest
 from scipy import stats
 from statchecks import ALPHA, assert_fails
 
-import ml.zp_baselines
 from ml.zp_baselines import FAILURE_MAG, ForestBaseline, LUTBaseline, regression_metrics
 from sim.zpsim import DOMAINS, simulate_zp_exposures
 from tasks.zp import features_from_simulation
@@ -33,7 +32,7 @@ def check_forest_uses_the_catalog(train, held_out) -> None:
     p < 1e-3 (ranks: a few cloudy exposures do not decide it)."""
     truth = held_out.target_mag
     plain = ForestBaseline(n_estimators=50).fit(train).predict(held_out)[0]
-    with_catalog = ForestBaseline(with_catalog=True, n_estimators=50).fit(train)
+    with_catalog = ForestBaseline(inputs="classical", n_estimators=50).fit(train)
     better = np.abs(plain - truth) - np.abs(with_catalog.predict(held_out)[0] - truth)
     p = stats.wilcoxon(better, alternative="greater").pvalue
     assert p < ALPHA, p
@@ -43,28 +42,34 @@ def test_forest_with_the_catalog_zero_point_beats_the_forest_without(split):
     check_forest_uses_the_catalog(*split)
 
 
-def test_forest_check_fails_when_the_catalog_column_is_shuffled(split, monkeypatch):
-    """The catalog summary handed to the forest permuted across exposures: it
-    is then noise, and the forest that reads it must lose its advantage."""
-    summary = ml.zp_baselines.catalog_summary
+def test_forest_check_fails_when_the_catalog_column_is_shuffled(split):
+    """The classical zero point handed to the forest permuted across exposures
+    (train and held-out alike): it is then noise, and the forest that reads it
+    must lose its advantage."""
     rng = np.random.default_rng(3)
-    monkeypatch.setattr(
-        ml.zp_baselines, "catalog_summary", lambda zp, err: rng.permutation(summary(zp, err))
-    )
-    assert_fails(check_forest_uses_the_catalog, *split)
+
+    def shuffled(fs):
+        perm = rng.permutation(len(fs))
+        return dataclasses.replace(
+            fs,
+            catalog_zp_mag=fs.catalog_zp_mag[perm],
+            catalog_zp_err_mag=fs.catalog_zp_err_mag[perm],
+        )
+
+    assert_fails(check_forest_uses_the_catalog, *(shuffled(fs) for fs in split))
 
 
 def test_forest_uncertainty_is_the_spread_of_its_trees(split):
     train, held_out = split
-    forest = ForestBaseline(with_catalog=True, n_estimators=30, seed=4).fit(train)
+    forest = ForestBaseline(inputs="classical", n_estimators=30, seed=4).fit(train)
     pred, sigma = forest.predict(held_out)
     assert pred.shape == sigma.shape == (len(held_out),)
     assert np.all(np.isfinite(pred))
     assert np.all(sigma > 0)
     # 30 trees, one seed: reproducible; another seed grows other trees.
-    again = ForestBaseline(with_catalog=True, n_estimators=30, seed=4).fit(train)
+    again = ForestBaseline(inputs="classical", n_estimators=30, seed=4).fit(train)
     np.testing.assert_array_equal(again.predict(held_out)[0], pred)
-    other = ForestBaseline(with_catalog=True, n_estimators=30, seed=5).fit(train)
+    other = ForestBaseline(inputs="classical", n_estimators=30, seed=5).fit(train)
     assert np.any(other.predict(held_out)[0] != pred)
     # Exposures the trees disagree on are the ones they get wrong: the error
     # grows with the spread (Spearman-like, on ranks).
