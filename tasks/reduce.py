@@ -42,7 +42,7 @@ from tasks.allocator import keep_freed_memory
 from tasks.config import StageConfig
 from tasks.io import groups
 from tasks.io.provenance import provenance
-from tasks.io.raw import ExposureHeader, RefCatalog, read_quadrants, read_refcat, validate_file
+from tasks.io.raw import ExposureHeader, RefCatalog, iter_quadrants, read_refcat, validate_file
 from tasks.io.reduced import KeptQuadrant, keep_quadrant, write_reduced
 from tasks.io.store import StoreError, list_groups, read_group, write_group
 from tasks.logs import run_logger
@@ -282,7 +282,7 @@ def photometer_exposure(
     kept: dict[int, KeptQuadrant] = {}
     patch_of: tuple[int, np.ndarray] | None = None
     shape = (0, 0)
-    for frame in read_quadrants(path):
+    for frame in iter_quadrants(path):  # one quadrant's pixels in memory at a time
         q = frame.header.quadrant
         bias, flat, defects = masters.quadrant(q)
         shape = frame.data.shape

@@ -20,6 +20,7 @@ from tasks.io.raw import (
     IMAGETYP_ALIASES,
     REFCAT_COLUMNS,
     RawFileError,
+    iter_quadrants,
     parse_section,
     read_quadrants,
     read_refcat,
@@ -336,6 +337,30 @@ def test_float_file_is_accepted_with_some_non_finite_pixels(tmp_path):
     frames = read_quadrants(write(hdul, tmp_path / "float.fits"))
     assert frames[0].data.dtype == np.float32
     assert np.isnan(frames[0].data[3, 2])
+
+
+@pytest.mark.parametrize("kind", ["science", "bias", "float"])
+def test_iter_quadrants_equals_read_quadrants(science_path, tmp_path, kind):
+    """Photometry reads an exposure a quadrant at a time (a ZTF exposure read whole
+    is 3.7 GB): same pixels, overscan, headers and WCS as the whole read."""
+    path = {
+        "science": science_path,
+        "bias": write(build_exposure("ZERO"), tmp_path / "bias.fits"),
+        "float": write(build_exposure(float_data=True), tmp_path / "float.fits"),
+    }[kind]
+    whole = read_quadrants(path)
+    one_by_one = list(iter_quadrants(path))
+    assert len(one_by_one) == len(whole) >= 2
+    for a, b in zip(whole, one_by_one, strict=True):
+        assert a.header == b.header
+        assert b.data.dtype == a.data.dtype == np.float32
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.overscan, b.overscan)
+        if a.wcs is None:
+            assert b.wcs is None
+        else:
+            assert b.wcs.to_header_string() == a.wcs.to_header_string()
+    assert [f.header.quadrant for f in iter_quadrants(path, quadrants=[1])] == [1]
 
 
 # --- rejections ------------------------------------------------------------------------
