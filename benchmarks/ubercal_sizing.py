@@ -44,6 +44,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "cells": (10, 10),
     },
     "exposure zp, 4x4 cells (by hand)": {"zp_mode": "exposure", "cells": (4, 4)},
+    "sized to the data, gradient off": {"exposure_gradient": False},
 }
 BRIGHT_MAG = 16.0
 
@@ -97,7 +98,12 @@ def main() -> None:
         )
         f = figures(s, sol)
         sz = sol.sizing
-        chosen = f"{sz.zp_mode}, {sz.cells[0]}x{sz.cells[1]}" if sz is not None else "-"
+        chosen = (
+            f"{sz.zp_mode}, {sz.cells[0]}x{sz.cells[1]}, gradient "
+            f"{'on' if sz.gradient else 'off'} ({1e3 * sz.median_gradient_err:.1f} mmag)"
+            if sz is not None
+            else "-"
+        )
         print(
             f"| {name} | {chosen} | {f['zp_rms_mmag']:.2f} | "
             f"{f['zp_scatter_per_quadrant_mmag']:.2f} | {f['bright_star_rms_mmag']:.2f} | "

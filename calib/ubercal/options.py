@@ -35,6 +35,9 @@ class UbercalOptions:
     auto_cells_per_dither : float
         Sizing rule of ``cells='auto'``: cells per axis per quadrant width of rms
         dither (a star that hardly moves cannot tell neighbouring cells apart).
+    auto_max_gradient_err_mag : float, mag
+        Sizing rule of ``exposure_gradient='auto'``: the largest median error of
+        an exposure's gradient (across one quadrant width) for which it is fitted.
     starflat_prior_mag : float or None, mag
         Prior scatter of each starflat cell about zero: a cell the data do not
         constrain comes out at 0 with this error (flagged ``prior_dominated``)
@@ -53,9 +56,12 @@ class UbercalOptions:
         reference catalog with ``bp_rp``.
     colour_pivot : float, mag
         Colour at which the colour term vanishes.
-    exposure_gradient : bool
+    exposure_gradient : bool or 'auto'
         Fit a linear zero-point gradient per exposure, the same within every
-        quadrant: ``g_x (x / quad_nx - 0.5) + g_y (y / quad_ny - 0.5)`` [mag]
+        quadrant: ``g_x (x / quad_nx - 0.5) + g_y (y / quad_ny - 0.5)`` [mag];
+        ``'auto'`` fits it when the data measure it: the median exposure's
+        gradient error (from its stars' errors and spread over the quadrant) at
+        most ``auto_max_gradient_err_mag`` (:mod:`calib.ubercal.sizing`)
         (grey clouds and differential airmass vary across the focal plane; the
         quadrant-to-quadrant part lives in the per exposure-quadrant zero points).
         Assumes the quadrants' pixel axes are parallel to the mosaic's. The mean
@@ -158,7 +164,8 @@ class UbercalOptions:
     gradient_prior_mag: float | None = 0.05
     colour_term: bool = False
     colour_pivot: float = 1.0
-    exposure_gradient: bool = True
+    exposure_gradient: bool | Literal["auto"] = "auto"
+    auto_max_gradient_err_mag: float = 0.003
     error_floor_mag: float = 0.005
     clip_sigma: float = 5.0
     star_clip_sigma: float = 5.0
@@ -220,6 +227,10 @@ class UbercalOptions:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be > 0 or None, got {v}")
+        if self.exposure_gradient not in (True, False, "auto"):
+            raise ValueError(
+                f"exposure_gradient must be true, false or 'auto', got {self.exposure_gradient!r}"
+            )
         if self.anchor not in ("prior", "offset"):
             raise ValueError(f"anchor must be 'prior' or 'offset', got {self.anchor!r}")
         for name in ("error_floor_mag", "clip_tolerance"):
@@ -234,6 +245,7 @@ class UbercalOptions:
             "auto_min_obs_per_zp",
             "auto_obs_per_cell",
             "auto_cells_per_dither",
+            "auto_max_gradient_err_mag",
             "cg_tolerance",
             "error_cg_tolerance",
         ):

@@ -11,7 +11,16 @@ The rule, from one pass over the observations:
   median usable observations per quadrant over ``auto_obs_per_cell`` (each cell
   measured by enough observations); ``n`` at most ``auto_cells_per_dither`` times
   the median rms position of a star over its visits in quadrant widths (a star
-  that hardly moves links no neighbouring cells); at least 1.
+  that hardly moves links no neighbouring cells); at least 1;
+* an exposure gradient when the median exposure measures it to
+  ``auto_max_gradient_err_mag`` or better: its error along an axis is
+  ``1 / sqrt(sum w (f - f_zp)^2)`` over the exposure's usable observations, ``f``
+  the position in quadrant widths, ``f_zp`` the weighted mean position of the
+  observations sharing its zero point, ``w = 1 / (err^2 + floor^2)``; the larger
+  of the two axes counts. (The stars' own magnitudes, also fitted, take some of
+  that information: the estimate is a lower bound of the fitted error.) A
+  gradient known worse than that adds its error to every zero point whose
+  stars sit off the quadrant's centre.
 """
 
 from __future__ import annotations
@@ -38,6 +47,12 @@ class ModelSizing:
     cells : (int, int)
     zp_mode_rule, cells_rule : str
         ``'auto'`` (sized by the rule) or ``'given'``.
+    gradient : bool
+    gradient_rule : str
+        ``'auto'`` or ``'given'``.
+    median_gradient_err : float, mag
+        Median over exposures of the gradient's error (the larger axis), NaN when
+        not measured.
     median_obs_per_zp : float
         Median usable observations per exposure-quadrant (NaN when not measured).
     median_obs_per_quadrant : float
@@ -51,6 +66,9 @@ class ModelSizing:
     cells: tuple[int, int]
     zp_mode_rule: str
     cells_rule: str
+    gradient: bool = True
+    gradient_rule: str = "given"
+    median_gradient_err: float = math.nan
     median_obs_per_zp: float = math.nan
     median_obs_per_quadrant: float = math.nan
     dither_rms: float = math.nan
@@ -64,10 +82,12 @@ class ModelSizing:
         """One line for the run summary."""
         return (
             f"zero points per {self.zp_mode.replace('_', '-')} ({self.zp_mode_rule}), "
-            f"{self.cells[0]}x{self.cells[1]} starflat cells ({self.cells_rule}); "
+            f"{self.cells[0]}x{self.cells[1]} starflat cells ({self.cells_rule}), "
+            f"exposure gradients {'on' if self.gradient else 'off'} ({self.gradient_rule}); "
             f"median {self.median_obs_per_zp:.0f} observations per exposure-quadrant, "
             f"{self.median_obs_per_quadrant:.0f} per quadrant, dither rms "
-            f"{self.dither_rms:.3f} quadrant widths"
+            f"{self.dither_rms:.3f} quadrant widths, gradient error "
+            f"{1e3 * self.median_gradient_err:.1f} mmag"
         )
 
 
@@ -75,9 +95,10 @@ class ModelSizing:
 class _SizingSums:
     zp_n: np.ndarray  # (n_exp, n_q) usable observations
     star: np.ndarray  # (5, n_star): n, sum fx, sum fx^2, sum fy, sum fy^2
+    zp_w: np.ndarray  # (5, n_exp, n_q): sum w, w fx, w fx^2, w fy, w fy^2
 
     def __add__(self, other: _SizingSums) -> _SizingSums:
-        return _SizingSums(self.zp_n + other.zp_n, self.star + other.star)
+        return _SizingSums(self.zp_n + other.zp_n, self.star + other.star, self.zp_w + other.zp_w)
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,7 @@ class _CountUsable:
     ids: _Ids
     quad_nx: int
     quad_ny: int
+    error_floor_mag: float = 0.0
 
     def __call__(self, chunk: ObservationChunk) -> _SizingSums:
         e = _lookup(self.ids.expid, chunk.expid)
@@ -105,7 +127,28 @@ class _CountUsable:
         star = np.stack(
             [np.bincount(sg, weights=v, minlength=n_s) for v in (None, fx, fx**2, fy, fy**2)]
         )
-        return _SizingSums(zp_n, star)
+        w = 1.0 / (err[good] ** 2 + self.error_floor_mag**2)
+        zq = e[good] * n_q + q[good]
+        zp_w = np.stack(
+            [
+                np.bincount(zq, weights=v, minlength=n_e * n_q).reshape(n_e, n_q)
+                for v in (w, w * fx, w * fx**2, w * fy, w * fy**2)
+            ]
+        )
+        return _SizingSums(zp_n, star, zp_w)
+
+
+def _gradient_errors(zp_w: np.ndarray, zp_mode: str) -> np.ndarray:
+    """Per exposure, the gradient's error along its worse axis [mag per quadrant
+    width], positions centred on their zero point's (exposure or
+    exposure-quadrant) weighted mean; inf where an exposure cannot measure it."""
+    sums = zp_w if zp_mode == "exposure_quadrant" else zp_w.sum(axis=2, keepdims=True)
+    w, wx, wxx, wy, wyy = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        info_x = np.where(w > 0, wxx - wx**2 / w, 0.0).sum(axis=1)
+        info_y = np.where(w > 0, wyy - wy**2 / w, 0.0).sum(axis=1)
+        info = np.minimum(info_x, info_y)
+        return np.where(info > 0, 1.0 / np.sqrt(np.maximum(info, 1e-300)), np.inf)
 
 
 def size_model(
@@ -120,9 +163,11 @@ def size_model(
         The options with both settled, and the record of the decision.
     """
     auto_zp, auto_cells = options.zp_mode == "auto", options.cells == "auto"
-    if not (auto_zp or auto_cells):
-        return options, ModelSizing(options.zp_mode, options.grid, "given", "given")
-    sums = source.map_reduce(_CountUsable(ids, quad_nx, quad_ny))
+    auto_gradient = options.exposure_gradient == "auto"
+    if not (auto_zp or auto_cells or auto_gradient):
+        given = bool(options.exposure_gradient)
+        return options, ModelSizing(options.zp_mode, options.grid, "given", "given", given)
+    sums = source.map_reduce(_CountUsable(ids, quad_nx, quad_ny, options.error_floor_mag))
     seen = sums.zp_n[sums.zp_n > 0]
     per_zp = float(np.median(seen)) if len(seen) else 0.0
     per_q = sums.zp_n.sum(axis=0)
@@ -142,13 +187,22 @@ def size_model(
         cells = (k, k)
     else:
         cells = options.grid
+    errors = _gradient_errors(sums.zp_w, zp_mode)
+    measured = errors[np.isfinite(errors)]
+    gradient_err = float(np.median(measured)) if len(measured) else math.inf
+    gradient = bool(options.exposure_gradient)
+    if auto_gradient:
+        gradient = gradient_err <= options.auto_max_gradient_err_mag
     sizing = ModelSizing(
         zp_mode=zp_mode,
         cells=cells,
         zp_mode_rule="auto" if auto_zp else "given",
         cells_rule="auto" if auto_cells else "given",
+        gradient=gradient,
+        gradient_rule="auto" if auto_gradient else "given",
+        median_gradient_err=gradient_err,
         median_obs_per_zp=per_zp,
         median_obs_per_quadrant=per_quadrant,
         dither_rms=dither,
     )
-    return options.replace(zp_mode=zp_mode, cells=cells), sizing
+    return options.replace(zp_mode=zp_mode, cells=cells, exposure_gradient=gradient), sizing

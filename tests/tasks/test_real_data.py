@@ -224,17 +224,16 @@ def test_real_night_with_the_stage_defaults(feder_night, tmp_path):
     """Issue 13's first report: with the stage's defaults (10x10 cells then) this
     night stopped with a singular reduced matrix, and no option could change the
     model. The model is now sized to the data: its 25 stars hardly move on the
-    chip (a few per cent of its width), so one cell, and the fit finishes.
-
-    The default per-exposure gradient is then the one term to turn off: the
-    stars sit off the centre of the declared 4096x4096 quadrant, the zero point
-    is its value at the centre, and 25 stars per exposure extrapolate a gradient
-    there that moves k by 6 table sigma (docs/ubercal.md). Without it the zero
-    points follow the table's own extinction (3 sigma of the table's fit)."""
+    chip (a few per cent of its width), so one cell; and they measure an
+    exposure's gradient across the declared 4096x4096 quadrant to ~10 mmag only,
+    so no gradient (a gradient fitted there moved k by 6 table sigma: the zero
+    point is its value at the centre, off the stars; docs/ubercal.md). The
+    defaults follow the table's own extinction (3 sigma of the table's fit);
+    the gradient forced on does not, so the check can fail."""
     store, source = feder_night
     refcat = Path(store).parent / "refcat.ecsv"
     k_table, k_table_err = _table_extinction(store, source)
-    for name, options in {"defaults": {}, "no_gradient": {"exposure_gradient": False}}.items():
+    for name, options in {"defaults": {}, "gradient": {"exposure_gradient": True}}.items():
         copy = tmp_path / f"{name}.zarr"
         shutil.copytree(store, copy)
         config = UbercalStageConfig(band="r", plots=False, options=options)
@@ -243,5 +242,12 @@ def test_real_night_with_the_stage_defaults(feder_night, tmp_path):
         assert sizing["cells_rule"] == "auto"
         assert tuple(sizing["cells"]) == (1, 1)
         assert sizing["dither_rms"] < 1.0 / UbercalOptions().auto_cells_per_dither
-    k_ubercal, *_ = _extinction_line(tmp_path / "no_gradient.zarr")
+    defaults = read_group(tmp_path / "defaults.zarr", "ubercal/r").attrs["sizing"]
+    print(defaults)
+    assert (defaults["gradient"], defaults["gradient_rule"]) == (False, "auto")
+    assert defaults["median_gradient_err"] > UbercalOptions().auto_max_gradient_err_mag
+    k_ubercal, *_ = _extinction_line(tmp_path / "defaults.zarr")
+    k_gradient, *_ = _extinction_line(tmp_path / "gradient.zarr")
+    print("k", k_ubercal, k_gradient, k_table, k_table_err)
     assert abs(k_ubercal - k_table) < 3 * k_table_err
+    assert abs(k_gradient - k_table) > 3 * k_table_err
