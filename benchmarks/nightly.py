@@ -3,7 +3,8 @@ on the 64-quadrant ZTF focal plane, per stage wall time, worker CPU and peak
 memory, throughput per core, and the projection to a 700-exposure night.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nightly.py --preset ztf --exposures 2 \\
-        [--workers 2] [--ccds 16] [--workdir DIR] [--keep] [--project-workers 16 64 256]
+        [--workers 2] [--ccds 16] [--exposures-per-task 1] [--workdir DIR] [--keep] \\
+        [--project-workers 16 64 256]
 
 The survey (3 biases, 3 LED flats, ``--exposures`` science exposures, one night)
 on ``--ccds`` CCDs of 4 quadrants (16: the whole 64-quadrant focal plane) is
@@ -38,10 +39,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--project-workers", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--ccds", type=int, default=16, help="CCDs simulated (4 quadrants each)")
+    p.add_argument(
+        "--exposures-per-task", type=int, default=1,
+        help="science exposures per photometry task (the stage's default is 4: with few "
+        "exposures, one task would hold them all and the other workers idle)",
+    )  # fmt: skip
     args = p.parse_args()
 
     from flows.pipeline import photocal_run
     from sim.config import make_config
+    from tasks.reduce import ReduceConfig
     from tasks.simulate import simulate_survey
 
     work = args.workdir or tempfile.mkdtemp(prefix="photocal-nightly-")
@@ -68,10 +75,11 @@ def main() -> None:
         print(f"load average {os.getloadavg()[0]:.1f}; {args.workers} workers x 1 thread, "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
         with measured_cluster(args.workers) as mc:
+            reduce = ReduceConfig(exposures_per_task=args.exposures_per_task)
 
             def run(stages: list[str]):
                 flow = photocal_run.with_options(task_runner=mc.runner_factory())
-                return flow(store=store, raw=raw, refcat=refcat, stages=stages)
+                return flow(store=store, raw=raw, refcat=refcat, stages=stages, reduce=reduce)
 
             mc.stage("index", lambda: run(["index"]))
             mc.stage("masters", lambda: run(["masters"]))
