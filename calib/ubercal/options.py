@@ -58,12 +58,12 @@ class UbercalOptions:
         Colour at which the colour term vanishes.
     exposure_gradient : bool or 'auto'
         Fit a linear zero-point gradient per exposure, the same within every
-        quadrant: ``g_x (x / quad_nx - 0.5) + g_y (y / quad_ny - 0.5)`` [mag];
-        ``'auto'`` fits it when the data measure it: the median exposure's
-        gradient error (from its stars' errors and spread over the quadrant) at
-        most ``auto_max_gradient_err_mag`` (:mod:`calib.ubercal.sizing`)
+        quadrant: ``g_x (x / quad_nx - 0.5) + g_y (y / quad_ny - 0.5)`` [mag]
         (grey clouds and differential airmass vary across the focal plane; the
         quadrant-to-quadrant part lives in the per exposure-quadrant zero points).
+        ``'auto'`` fits it when the data measure it: the median exposure's
+        gradient error, from its stars' errors and spread over the quadrant, at
+        most ``auto_max_gradient_err_mag`` (:mod:`calib.ubercal.sizing`).
         Assumes the quadrants' pixel axes are parallel to the mosaic's. The mean
         gradient over exposures and the starflat's gradient are told apart only
         by the variation within cells, so that combination is weakly determined;

@@ -23,6 +23,11 @@ WRITER = Path(__file__).with_name("store_writer.py")
 GROUP = "nights/2026-03-10/catalog"
 REPO = Path(__file__).resolve().parents[3]
 
+MIN_KILLS = 4
+"""Kills of the killed-writer test (README's table counts them)."""
+MAX_KILLS = 12
+"""Kills at most, while none has fallen inside a rewrite (a loaded machine)."""
+
 
 def _start_writer(
     store: Path | str, writer: int, n_versions: int, *, size: int = 128, env: dict | None = None
@@ -87,8 +92,8 @@ def test_writer_killed_mid_write_never_leaves_a_partial_group(tmp_path):
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     write_s = 0.0
     outcomes: list[bool] = []
-    # At least 4 rounds, more (up to 12) until a kill falls inside a rewrite.
-    while len(outcomes) < 4 or (not any(outcomes) and len(outcomes) < 12):
+    # At least MIN_KILLS rounds, more (up to MAX_KILLS) until one falls inside a rewrite.
+    while len(outcomes) < MIN_KILLS or (not any(outcomes) and len(outcomes) < MAX_KILLS):
         n = 2 + len(outcomes) % 2  # the kill falls in the last version: alternately pieced/whole
         proc = _start_writer(store, 1, n)
         write_s = _kill_in_version(proc, n, lambda w: rng.uniform(0.0, 1.2 * w), write_s)
