@@ -359,7 +359,7 @@ def test_iter_quadrants_equals_read_quadrants(science_path, tmp_path, kind):
         if a.wcs is None:
             assert b.wcs is None
         else:
-            assert b.wcs.to_header_string() == a.wcs.to_header_string()
+            assert b.wcs.to_header_string(relax=True) == a.wcs.to_header_string(relax=True)
     assert [f.header.quadrant for f in iter_quadrants(path, quadrants=[1])] == [1]
 
 
