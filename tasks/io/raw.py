@@ -413,12 +413,7 @@ def read_quadrants(
     ValueError
         If a requested quadrant id is not in the file.
     """
-    path = os.fspath(path)
-    with _open_raw(path) as hdul:
-        exposure = _validate(hdul, path)
-        selected = _select(exposure, quadrants, path)
-        science = exposure.header.imagetyp == "SCIENCE"
-        return [_read_frame(hdul[q.hdu_index], q, science=science) for q in selected]
+    return list(iter_quadrants(path, quadrants=quadrants))
 
 
 def iter_quadrants(
@@ -427,14 +422,15 @@ def iter_quadrants(
     """:func:`read_quadrants` one quadrant at a time: the file is validated and its
     WCSs built from the headers first, then each quadrant's pixels are read (one
     positioned read, :func:`read_rows`) as the caller asks for it, so only one
-    quadrant's pixels are in memory. A ZTF exposure read whole is 3.7 GB (its
-    64 HDUs' arrays and their float32 copies); photometry reads it this way.
-    The frames equal :func:`read_quadrants`'s."""
+    quadrant's pixels are in memory. A ZTF exposure read whole through astropy
+    was 3.7 GB (its 64 HDUs' arrays and their float32 copies); photometry reads
+    it this way."""
     path = os.fspath(path)
     with _open_raw(path) as hdul:
         exposure = _validate(hdul, path)
         selected = _select(exposure, quadrants, path)
         science = exposure.header.imagetyp == "SCIENCE"
+        # The header WCS describes the full HDU array; shift it to the data section.
         wcs = [
             _build_wcs(hdul[q.hdu_index].header, f"HDU {q.hdu_index} ({q.extname})").slice(
                 q.datasec
@@ -470,7 +466,8 @@ def read_rows(
     -------
     data : ndarray, shape (n_rows, nx), float32, ADU
     overscan : ndarray, shape (n_rows, n_overscan), float32, ADU
-        The same values as :func:`read_quadrants` gives for those rows.
+        The values astropy gives for those rows (BZERO applied); what
+        :func:`read_quadrants` and :func:`iter_quadrants` return.
 
     Raises
     ------
@@ -931,19 +928,6 @@ def _select(
             f"{path}: quadrants {unknown} requested but the file has {sorted(present)}"
         )
     return [q for q in exposure.quadrants if q.quadrant in wanted]
-
-
-def _read_frame(hdu: Any, quadrant: QuadrantHeader, *, science: bool) -> QuadrantFrame:
-    # Astropy applies BZERO, giving uint16 for the contract's BITPIX = 16 arrays.
-    pixels = hdu.data  # (ny, nx_total)
-    data = np.array(pixels[quadrant.datasec], dtype=np.float32)  # (ny, nx)
-    overscan = np.array(pixels[quadrant.biassec], dtype=np.float32)  # (ny, n_overscan)
-    wcs = None
-    if science:
-        where = f"HDU {quadrant.hdu_index} ({quadrant.extname})"
-        # The header WCS describes the full HDU array; shift it to the data section.
-        wcs = _build_wcs(hdu.header, where).slice(quadrant.datasec)
-    return QuadrantFrame(header=quadrant, data=data, overscan=overscan, wcs=wcs)
 
 
 def _build_wcs(header: fits.Header, where: str) -> WCS:
