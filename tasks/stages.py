@@ -60,10 +60,8 @@ class PrefectRun:
         went unwritten and the flow said Completed (seen on the 64-quadrant
         night, docs/nightly.md). That raises here, naming the task."""
         state = task(*args, return_state=True)
-        if state.is_completed():
-            return state.result()
-        if state.is_failed() or state.is_crashed():
-            return state.result()  # raises the task's own exception
+        if state.is_completed() or state.is_failed() or state.is_crashed():
+            return state.result()  # the value, or the task's own exception raised
         raise UpstreamTaskError(f"{task.name}: {state.name}: {state.message}")
 
     def map(self, task: Any, *args: Any) -> Any:
