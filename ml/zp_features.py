@@ -24,7 +24,8 @@ per-star scatter is measured on the whole night): the classical, the
 inverse-variance weighted clipped mean (the honest baseline); the sigma-clipped
 median (what issue 7 compared with); and a weighted plane fit over the
 quadrant, whose intercept is the zero point at the centre when clouds leave a
-gradient. The night context and the clear-sky model (ml/zp_context.py,
+gradient, with a prior on the gradient as wide as the night's (the weighted
+mean on a night without gradients). The night context and the clear-sky model (ml/zp_context.py,
 ml/zp_clearsky.py) are attached afterwards: they depend on a fitted model.
 """
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from calib.zeropoint import classical_zeropoints
+from calib.zeropoint import classical_zeropoints, extra_scatter
 
 STAR_CHANNELS = ("mag_ref", "colour", "x", "y", "log_mag_err", "star_offset")
 TELEMETRY_CHANNELS = ("airmass", "out_temp_c", "out_rhum_pct", "wind_mps", "g", "r", "i")
@@ -162,8 +163,9 @@ def star_zero_points(
     The classical is calib.zeropoint's weighted estimator and the median its
     default one (no colour term), both over the night at once so the extra
     scatter is measured on every exposure's stars; the plane is a weighted
-    least-squares ``a + b x + c y`` over the stars the classical kept, with the
-    same per-star variance, and its value is ``a``.
+    least-squares ``a + b x + c y`` over the stars the classical kept, with a
+    prior on the gradient as wide as the night's gradients (:func:`_night_planes`),
+    and its value is ``a``.
     """
     n_exp = len(star_offset)
     if not (len(err) == len(x) == len(y) == n_exp):
@@ -184,10 +186,16 @@ def star_zero_points(
     out.classical[wtd.group] = wtd.zp
     out.classical_err[wtd.group] = wtd.zp_err
     extra2 = float(np.nan_to_num(wtd.extra_scatter)) ** 2
+    planes = []
     for k in np.nonzero(np.isfinite(out.classical))[0]:
-        out.plane[k], out.plane_err[k] = _plane_fit(
-            star_offset[k], err[k] ** 2 + extra2, x[k], y[k], out.classical[k], clip_sigma
-        )
+        bound = clip_sigma * np.sqrt(err[k] ** 2 + extra2)
+        keep = np.abs(star_offset[k] - out.classical[k]) <= bound
+        keep &= np.isfinite(x[k]) & np.isfinite(y[k])
+        if keep.sum() >= MIN_PLANE_STARS:
+            design = np.column_stack([np.ones(keep.sum()), x[k][keep], y[k][keep]])
+            planes.append((k, design, star_offset[k][keep], err[k][keep] ** 2))
+    for k, value, value_err in _night_planes(planes):
+        out.plane[k], out.plane_err[k] = value, value_err
     for k in np.nonzero(~np.isfinite(out.classical) & (counts > 0) & (counts < min_stars))[0]:
         w = 1.0 / (err[k] ** 2 + extra2)
         out.sparse[k] = float(np.sum(w * star_offset[k]) / np.sum(w))
@@ -195,23 +203,80 @@ def star_zero_points(
     return out
 
 
-def _plane_fit(
-    offset: np.ndarray, var: np.ndarray, x: np.ndarray, y: np.ndarray, centre: float, clip: float
-) -> tuple[float, float]:
-    """Intercept of a weighted plane through the stars within ``clip`` sigma of
-    ``centre``, and its error; NaN, NaN when too few or degenerate."""
-    keep = np.abs(offset - centre) <= clip * np.sqrt(var)
-    keep &= np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < MIN_PLANE_STARS:
-        return float("nan"), float("nan")
-    design = np.column_stack([np.ones(keep.sum()), x[keep], y[keep]])
-    w = 1.0 / var[keep]
+PlaneStars = tuple[int, np.ndarray, np.ndarray, np.ndarray]
+"""One exposure's kept stars: its index, the design ``[1, x, y]``, offsets, stated variances."""
+_PLANE_ITERATIONS = 4
+_MIN_GRADIENT_MAG = 1e-4
+"""The prior's width where a night shows no gradient: 0.1 mmag over the
+half-quadrant makes the fit the weighted mean."""
+
+
+def _night_planes(planes: list[PlaneStars]) -> list[tuple[int, float, float]]:
+    """The zero point at the quadrant centre of each exposure of one night from
+    a weighted plane ``a + b x + c y`` through its kept stars, with a Gaussian
+    prior on the gradient ``(b, c)`` whose width the night's exposures set.
+
+    A free plane removes a cloud's gradient but costs what two more parameters
+    cost: its intercept scattered 6.6 mmag where the weighted mean of the same
+    stars scattered 3.9 on clear nights. The prior makes the fit the weighted
+    mean where the night shows no gradient and a plane where it does, in
+    proportion. Per night, by empirical Bayes, alternated until it settles:
+
+    - the stars' extra scatter about the planes (``extra_scatter``, with each
+      star's leverage), since on a cloudy night the classical's extra scatter
+      holds the gradient's spread too;
+    - the gradient prior's variance per axis, the mean over exposures of
+      ``(|g|^2 - trace cov g) / 2`` from the free fits (0 when the fitted
+      gradients are no larger than their errors).
+
+    Returns ``(index, value, error)``; an exposure whose fit is degenerate is
+    left out.
+    """
+    if not planes:
+        return []
+    extra2, prior2 = 0.0, 0.0
+    for _ in range(_PLANE_ITERATIONS):
+        resid, stated, leverage, gradient_excess = [], [], [], []
+        for _k, design, offset, var in planes:
+            fit = _weighted_plane(design, offset, var + extra2, 0.0)
+            if fit is None:
+                continue
+            coef, cov = fit
+            resid.append(offset - design @ coef)
+            stated.append(var)
+            leverage.append(np.einsum("ij,jk,ik->i", design, cov, design))
+            gradient_excess.append(float(coef[1] ** 2 + coef[2] ** 2 - cov[1, 1] - cov[2, 2]) / 2)
+        if not resid:
+            return []
+        extra2 = (
+            extra_scatter(np.concatenate(resid), np.concatenate(stated), np.concatenate(leverage))
+            ** 2
+        )
+        prior2 = max(float(np.mean(gradient_excess)), 0.0)
+    precision = 1.0 / max(prior2, _MIN_GRADIENT_MAG**2)
+    out = []
+    for k, design, offset, var in planes:
+        fit = _weighted_plane(design, offset, var + extra2, precision)
+        if fit is not None:
+            coef, cov = fit
+            out.append((k, float(coef[0]), float(np.sqrt(cov[0, 0]))))
+    return out
+
+
+def _weighted_plane(
+    design: np.ndarray, offset: np.ndarray, var: np.ndarray, gradient_precision: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Weighted least squares of ``offset`` on ``design`` with a zero-mean
+    prior of precision ``gradient_precision`` on the two gradient terms: the
+    coefficients and their covariance; None when degenerate."""
+    w = 1.0 / var
     normal = design.T @ (design * w[:, None])
+    normal[1, 1] += gradient_precision
+    normal[2, 2] += gradient_precision
     if np.linalg.cond(normal) > 1e8:
-        return float("nan"), float("nan")
+        return None
     cov = np.linalg.inv(normal)
-    coef = cov @ (design.T @ (w * offset[keep]))
-    return float(coef[0]), float(np.sqrt(cov[0, 0]))
+    return cov @ (design.T @ (w * offset)), cov
 
 
 def log_error_channel(err: np.ndarray, present: np.ndarray, *, missing: float = 2.0) -> np.ndarray:
