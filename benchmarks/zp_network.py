@@ -47,6 +47,7 @@ from ml.zp_train import (
     _tensors,
     predict,
     predict_intervals,
+    stars_consistency,
     train_zp_network,
 )
 from sim.zpsim import DOMAINS, simulate_zp_exposures
@@ -116,6 +117,26 @@ def _network(model: AZPRC, device: str) -> Method:
         lambda fs: predict(model, fs, device=device),
         lambda fs: predict_intervals(model, fs, device=device),
     )
+
+
+def _stars_checked(method: Method) -> Method:
+    """``method`` with each night's intervals widened by its own stars, as
+    ``score-zp`` does (ml/zp_train.stars_consistency): what the pipeline writes."""
+
+    def intervals(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert method.intervals is not None
+        pred, sigma, half95 = method.intervals(fs)
+        sigma, half95 = sigma.copy(), half95.copy()
+        for night in np.unique(fs.night):
+            rows = fs.night == night
+            check = stars_consistency(
+                pred[rows], sigma[rows], fs.catalog_zp_mag[rows], fs.catalog_zp_err_mag[rows]
+            )
+            sigma[rows] *= check.factor
+            half95[rows] *= check.factor
+        return pred, sigma, half95
+
+    return Method(lambda fs: intervals(fs)[:2], intervals)
 
 
 def _metrics(method: Method, fs: FeatureSet) -> dict[str, float]:
@@ -264,6 +285,7 @@ def main() -> None:
     onnx_path = export_onnx(main_model, test, Path("/tmp/azprc_benchmark.onnx"))
     scorer = OnnxScorer(onnx_path, threads=args.threads)
     methods["AZP-RC, ONNX (CPU)"] = Method(scorer.predict, scorer.intervals)
+    methods["AZP-RC + night's stars check"] = _stars_checked(methods["AZP-RC"])
 
     print("\nHeld-out nights of domains A+B (mag):")
     print(HEADER)
@@ -357,7 +379,12 @@ def _verdict(results: dict, conditions: dict) -> None:
         )
     for label, m in (
         ("held-out nights", ans["AZP-RC"]),
+        ("held-out nights, night's stars check", ans["AZP-RC + night's stars check"]),
         ("domain C (adapted)", results["cross_domain"]["AZP-RC + C clear-sky fit"]),
+        (
+            "domain C (adapted), stars check",
+            results["cross_domain"]["AZP-RC + C clear-sky fit + stars check"],
+        ),
     ):
         c68, c95 = 100 * m["coverage68"], 100 * m["coverage95"]
         ok = abs(c68 - 68.27) <= 3 and abs(c95 - 95.0) <= 3
@@ -447,6 +474,10 @@ def _cross_domain(args, base, features, tc) -> dict[str, dict]:
         "AZP-RC + DANN (alpha 0.01)": (_network(nets["DANN"], args.device), c_plain),
         "AZP-RC + C clear-sky fit": (_network(nets["no DANN"], args.device), c_adapted),
         "AZP-RC + DANN + C clear-sky fit": (_network(nets["DANN"], args.device), c_adapted),
+        "AZP-RC + C clear-sky fit + stars check": (
+            _stars_checked(_network(nets["no DANN"], args.device)),
+            c_adapted,
+        ),
     }
     print(HEADER)
     out: dict[str, dict] = {}
