@@ -126,6 +126,13 @@ class InMemoryPartitions:
         return InMemoryPartitions(parts, self.threads), total
 
 
+ERROR_BLOCK = 16
+"""Noise samples solved (and projected onto the stars) at a time: a partition's
+temporaries are ``n_obs x ERROR_BLOCK`` (a 2 M-observation partition with the
+stage's 64 samples at once held ~1 GB in each; the worker running the fit of a
+27.6 M-observation store reached its memory limit)."""
+
+
 # --- partitioning ---------------------------------------------------------------
 
 
@@ -418,11 +425,12 @@ def _rhs(part: _Part) -> np.ndarray:
     return -_reduced_product(part, np.where(part.used, part.prep.mag, 0.0), part.mref)
 
 
-def _noise_rhs(part: _Part, seed: int, k: int) -> np.ndarray:
+def _noise_rhs(part: _Part, seed: int, k: int, block: int = 0) -> np.ndarray:
     """``-C^T W (I - H) eps`` for ``k`` draws of the data noise (eps ~ N(0, 1/w)
     for the used observations and the prior): its covariance is ``S``, so its
-    solution's is ``S^-1``. Seeded by partition, whatever the partition order."""
-    rng = np.random.default_rng([seed, part.index])
+    solution's is ``S^-1``. Seeded by partition and block of samples, whatever
+    the partition order."""
+    rng = np.random.default_rng([seed, part.index] if block == 0 else [seed, part.index, block])
     wu = part.wu
     eps = rng.standard_normal((len(wu), k)) / np.sqrt(np.where(wu > 0, wu, 1.0))[:, None]
     epsp = (
@@ -1095,11 +1103,13 @@ def _stars(part: _Part, p: np.ndarray, samples: np.ndarray) -> _StarResults:
     inv_d = np.divide(1.0, D, out=np.zeros_like(D), where=D > 0)
     k = samples.shape[1]
     var_p = np.zeros(lay.n_star)
+    for j in range(0, k, ERROR_BLOCK):
+        block = samples[:, j : j + ERROR_BLOCK]
+        proj = _star_sums(part, np.asarray(part.C @ block))
+        proj += part.wp[:, None] * _anchor_values(part, block)
+        var_p += np.sum(proj * proj, axis=1)
     if k:
-        proj = _star_sums(part, np.asarray(part.C @ samples)) + part.wp[:, None] * _anchor_values(
-            part, samples
-        )
-        var_p = np.sum(proj * proj, axis=1) / k * inv_d**2
+        var_p *= inv_d**2 / k
     nobs = stats.star_nobs
     with np.errstate(invalid="ignore", divide="ignore"):
         n = np.maximum(nobs, 1)
@@ -1156,19 +1166,21 @@ def _result(
         # Solutions for simulated data noise have covariance (S + P)^-1 and, unlike
         # random probes, no component along the exact modes that the priors fix:
         # their spread is the error in the final gauge once transformed.
-        B = np.where(
-            free[:, None], parts.map_reduce(functools.partial(_noise_rhs, seed=opt.seed, k=k)), 0.0
-        )
         apply = _masked_operator(parts, P, free)
-        samples, it = _pcg(
-            apply,
-            B,
-            precond,
-            precond(B),
-            tol=opt.error_cg_tolerance,
-            max_iter=opt.cg_max_iterations,
-        )
-        cg.append(it)
+        blocks, iterations = [], 0
+        for b, j in enumerate(range(0, k, ERROR_BLOCK)):
+            rhs = functools.partial(_noise_rhs, seed=opt.seed, k=min(ERROR_BLOCK, k - j), block=b)
+            B = np.where(free[:, None], parts.map_reduce(rhs), 0.0)
+            x, it = _pcg(
+                apply, B, precond, precond(B), tol=opt.error_cg_tolerance,
+                max_iter=opt.cg_max_iterations,
+            )  # fmt: skip
+            blocks.append(x)
+            iterations = max(iterations, it)
+            del B
+        samples = np.concatenate(blocks, axis=1)
+        del blocks
+        cg.append(iterations)
         tx = _gauge_transform(samples, layout, active, centre_zp=False)
         zp_act = active[: layout.n_zp]
         mean_zp_err = float(np.std(tx[: layout.n_zp][zp_act].mean(axis=0), ddof=1))
