@@ -105,11 +105,13 @@ class UbercalStageConfig(StageConfig, table="ubercal"):
         "zero-point mode, starflat cells and priors, colour term, error floor, clipping, "
         "solver, anchor.",
     )
-    scheduler: Literal["threads", "synchronous", "distributed"] = Field(
-        "threads",
+    scheduler: Literal["auto", "threads", "synchronous", "distributed"] = Field(
+        "auto",
         description="Dask scheduler for the per-night passes inside this task: local threads, "
         "one thread, or the Dask cluster the task runs on ('distributed': nights read and "
-        "star-complete partitions kept on the workers, for the iterative solver).",
+        "star-complete partitions kept on the workers, for the iterative solver); 'auto': "
+        "the cluster when the task runs on a Dask worker (the flow's task runner), threads "
+        "otherwise.",
     )
     plots: bool = Field(True, description="Render the PNG QA plots into the group.")
 
@@ -294,6 +296,22 @@ def _reference(refcat_path: str | os.PathLike, band: str) -> ReferenceStars:
     )
 
 
+def resolved_scheduler(choice: str) -> str:
+    """``choice``, with ``'auto'`` made ``'distributed'`` on a Dask worker and
+    ``'threads'`` elsewhere. On a worker, threads would hold every partition of
+    the fit in that one worker: a 27.6 M-observation store filled it to its
+    memory limit four times while the other worker sat idle (docs/ubercal.md)."""
+    if choice != "auto":
+        return choice
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return "threads"
+    return "distributed"
+
+
 def run_ubercal_stage(
     store: str | os.PathLike, refcat_path: str | os.PathLike, config: UbercalStageConfig
 ) -> dict[str, Any]:
@@ -317,8 +335,10 @@ def run_ubercal_stage(
     quad_nx, quad_ny = _quadrant_shape(store, nights)
     reference = _reference(refcat_path, config.band)
 
+    scheduler = resolved_scheduler(config.scheduler)
+
     def solve(client: Any = None) -> UbercalSolution:
-        source = NightCatalogs(store, tuple(nights), config.band, config.scheduler, client)
+        source = NightCatalogs(store, tuple(nights), config.band, scheduler, client)
         return solve_ubercal(
             source,
             quad_nx=quad_nx,
@@ -328,7 +348,7 @@ def run_ubercal_stage(
         )
 
     try:
-        if config.scheduler == "distributed":
+        if scheduler == "distributed":
             from distributed import worker_client
 
             # Secedes from the worker's thread pool while the fit's tasks run.

@@ -171,3 +171,20 @@ def test_every_option_is_described_and_validated():
         UbercalStageConfig(band="r", options={"clip_sigma": -1.0})
     with pytest.raises(ValidationError, match="nope"):
         UbercalStageConfig(band="r", options={"nope": 1})
+
+
+def test_auto_scheduler_is_the_cluster_on_a_dask_worker_and_threads_elsewhere():
+    from distributed import Client, LocalCluster
+
+    assert tasks.ubercal.resolved_scheduler("auto") == "threads"
+    assert tasks.ubercal.resolved_scheduler("synchronous") == "synchronous"
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        on_worker = client.submit(tasks.ubercal.resolved_scheduler, "auto").result()
+        chosen = client.submit(tasks.ubercal.resolved_scheduler, "threads").result()
+    assert (on_worker, chosen) == ("distributed", "threads")
+    assert UbercalStageConfig(band="r").scheduler == "auto"
