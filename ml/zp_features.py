@@ -220,7 +220,8 @@ def _night_planes(planes: list[PlaneStars]) -> list[tuple[int, float, float]]:
     cost: its intercept scattered 6.6 mmag where the weighted mean of the same
     stars scattered 3.9 on clear nights. The prior makes the fit the weighted
     mean where the night shows no gradient and a plane where it does, in
-    proportion. Per night, by empirical Bayes, alternated until it settles:
+    proportion. Per night, by empirical Bayes, from free fits repeated
+    :data:`_PLANE_ITERATIONS` times (each with the last extra scatter):
 
     - the stars' extra scatter about the planes (``extra_scatter``, with each
       star's leverage), since on a cloudy night the classical's extra scatter
