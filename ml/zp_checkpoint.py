@@ -72,7 +72,12 @@ def load_checkpoint(directory: str | Path, *, device: str = "cpu") -> tuple[AZPR
             raise FileNotFoundError(f"{src}: not a zero-point checkpoint (no {name})")
     card = json.loads((src / CARD).read_text())
     model = AZPRC(AZPRCConfig.from_dict(card["model_config"]))
-    model.load_state_dict(load_file(str(src / WEIGHTS), device=device))
+    state = load_file(str(src / WEIGHTS), device=device)
+    for name in ("sigma_scale", "tail_scale"):
+        # Checkpoints before the per-domain calibration hold one row for all domains.
+        if name in state and state[name].dim() == 1:
+            state[name] = state[name].expand_as(getattr(model, name)).clone()
+    model.load_state_dict(state)
     return model.to(device).eval(), card
 
 
@@ -83,8 +88,8 @@ class _Scoring(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, patch, stars, n_stars, summary, telemetry, context):  # type: ignore[no-untyped-def]
-        parts = self.model.forward_parts(patch, stars, n_stars, summary, telemetry, context)
+    def forward(self, patch, stars, n_stars, summary, telemetry, context, domain):  # type: ignore[no-untyped-def]
+        parts = self.model.forward_parts(patch, stars, n_stars, summary, telemetry, context, domain)
         return parts.offset, parts.log_var, parts.tail
 
 
@@ -96,7 +101,10 @@ def export_onnx(model: AZPRC, example: FeatureSet, path: str | Path) -> Path:
     tensors = tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)
     batch = torch.export.Dim("batch", min=1)
     stars = torch.export.Dim("stars", min=2)
-    dynamic = ({0: batch}, {0: batch, 1: stars}, {0: batch}, {0: batch}, {0: batch}, {0: batch})
+    dynamic = (
+        {0: batch}, {0: batch, 1: stars}, {0: batch}, {0: batch}, {0: batch}, {0: batch},
+        {0: batch},
+    )  # fmt: skip
     model = model.cpu().eval()
     torch.onnx.export(
         _Scoring(model).eval(),

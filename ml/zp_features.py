@@ -59,7 +59,7 @@ CONTEXT_CHANNELS = (
     "dt_h", "residual", "log_err", "has_zp", "same_band", "d_airmass", "d_log_sky", "valid",
     "pull",
 )  # fmt: skip
-INPUT_NAMES = ("patch", "stars", "n_stars", "summary", "telemetry", "context")
+INPUT_NAMES = ("patch", "stars", "n_stars", "summary", "telemetry", "context", "domain")
 """The network's inputs, in the order ``AZPRC.forward`` takes them."""
 MIN_PLANE_STARS = 8
 """A plane fit needs this many kept stars (three parameters and some to spare)."""
@@ -484,6 +484,7 @@ def model_inputs(
         "summary": summary_tensor(features, rows),
         "telemetry": np.ascontiguousarray(features.telemetry[rows], dtype=np.float32),
         "context": np.ascontiguousarray(features.context[rows], dtype=np.float32),
+        "domain": np.ascontiguousarray(features.domain[rows], dtype=np.int64),
     }
 
 

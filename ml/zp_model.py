@@ -76,7 +76,8 @@ class ZPParts:
     latent : (B, 32), what the discriminator sees
     context, context_var : the context estimate (NaN where none) and its variance
     weights : (B, 4), how much each of :data:`ESTIMATES` counts
-    regime : the estimate that weighs most (int64), which sets the interval calibration
+    regime : the estimate that weighs most (int64), which with the domain sets the
+        interval calibration
     tail : the 95 % interval's half-width over 1.96 sigma
     """
 
@@ -373,11 +374,12 @@ class AZPRC(nn.Module):
                 layer.bias.zero_()
             self.head.bias[_HEAD_CONTEXT_LOG_VAR] = 2.0 * math.log(0.03)  # 3 mmag to start
         # Set after training from the validation nights (ml/zp_train.calibrate_uncertainty),
-        # saved with the weights, one pair per regime (the estimate that weighs most):
-        # 68.3 % of the errors within sigma_scale * sigma, 95 % within 1.96 * tail_scale
-        # * sigma_scale * sigma.
-        self.register_buffer("sigma_scale", torch.ones(len(ESTIMATES)))
-        self.register_buffer("tail_scale", torch.ones(len(ESTIMATES)))
+        # saved with the weights, one pair per domain and regime (the estimate that weighs
+        # most): 68.3 % of the errors within sigma_scale * sigma, 95 % within 1.96 *
+        # tail_scale * sigma_scale * sigma.
+        shape = (config.n_domains, len(ESTIMATES))
+        self.register_buffer("sigma_scale", torch.ones(shape))
+        self.register_buffer("tail_scale", torch.ones(shape))
         self.discriminator = nn.Sequential(
             nn.Linear(latent, latent), nn.ReLU(), nn.Linear(latent, config.n_domains)
         )
@@ -390,18 +392,21 @@ class AZPRC(nn.Module):
         summary: torch.Tensor,
         telemetry: torch.Tensor,
         context: torch.Tensor,
+        domain: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``patch`` (B, P, P), ``stars`` (B, S, 6), ``n_stars`` (B,) int,
-        ``summary`` (B, 11), ``telemetry`` (B, T), ``context`` (B, L, 9) ->
-        offset (B,), log-variance (B,), latent (B, 32)."""
-        parts = self.forward_parts(patch, stars, n_stars, summary, telemetry, context)
+        ``summary`` (B, 11), ``telemetry`` (B, T), ``context`` (B, L, 9),
+        ``domain`` (B,) int -> offset (B,), log-variance (B,), latent (B, 32).
+        The domain only chooses the interval calibration; the offset does not
+        depend on it."""
+        parts = self.forward_parts(patch, stars, n_stars, summary, telemetry, context, domain)
         return parts.offset, parts.log_var, parts.latent
 
     def forward_parts(self, *inputs: torch.Tensor) -> ZPParts:
         """:meth:`forward` with what it is made of (training holds the context
         estimate to the target too; the report shows the weights)."""
-        summary = inputs[3]
-        latent, context, has_context = self._encode(*inputs)
+        summary, domain = inputs[3], inputs[6].clamp(0, self.config.n_domains - 1)
+        latent, context, has_context = self._encode(*inputs[:6])
         out = self.head(latent)
         stated, present = self._star_estimates(summary)  # (B, 3) each
         star_w = _masked_softmax(self._star_logits(latent, summary), present > 0.5)
@@ -428,10 +433,10 @@ class AZPRC(nn.Module):
             [star_w * (p_stars / safe).unsqueeze(1), (p_context / safe).unsqueeze(1)], dim=1
         )
         regime = torch.argmax(weights, dim=1)
-        log_var = log_var + 2.0 * torch.log(self.sigma_scale[regime])
+        log_var = log_var + 2.0 * torch.log(self.sigma_scale[domain, regime])
         return ZPParts(
             offset, log_var, latent, context, context_var, weights, regime,
-            self.tail_scale[regime],
+            self.tail_scale[domain, regime],
         )  # fmt: skip
 
     def gate_weights(self, *inputs: torch.Tensor) -> torch.Tensor:

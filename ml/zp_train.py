@@ -179,13 +179,17 @@ def train_zp_network(
     val: FeatureSet,
     config: TrainConfig | None = None,
     *,
+    calibration: FeatureSet | None = None,
     on_epoch: Callable[[int], None] | None = None,
 ) -> TrainedModel:
     """Train AZP-RC on ``train``, keeping the weights of the best validation MSE.
 
     Rows with a NaN target are not used. Splits must be by night
-    (ml/zp_features.split_by_night). ``on_epoch(epoch)`` is called after each
-    epoch (0-based), e.g. to report progress.
+    (ml/zp_features.split_by_night). The intervals are calibrated on
+    ``calibration`` (default ``val``): the validation nights with their context
+    made out of sample (ml/zp_context.attach_context_out_of_night), so that
+    they see the clear-sky model as a scored night does. ``on_epoch(epoch)`` is
+    called after each epoch (0-based), e.g. to report progress.
     """
     config = config or TrainConfig()
     train = train.select(np.isfinite(train.target_mag))
@@ -238,7 +242,7 @@ def train_zp_network(
             break
     model.load_state_dict(best[2])
     model.eval()
-    calibrate_uncertainty(model, val)
+    calibrate_uncertainty(model, val if calibration is None else calibration)
     return TrainedModel(model, history, best[1], time.perf_counter() - start)
 
 
@@ -257,31 +261,65 @@ MIN_REGIME_EXPOSURES = 50
 
 
 @torch.no_grad()
-def calibrate_uncertainty(model: AZPRC, val: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-    """Split-conformal calibration on the validation nights, per regime (the
-    estimate that weighs most: the stars' classical or plane fit, the sparse
-    mean, the night's context; Mondrian conformal): rescale the uncertainty so
-    that 68.3 % of a regime's validation errors lie within 1 sigma, and set its
-    tail factor so that 95 % lie within 1.96 x tail x sigma (errors have
-    heavier tails than a Gaussian: clouds, few stars). A clear night's errors
-    and a clouded one's do not scale alike, and one factor for all would leave
-    each wrong. Returns the per-regime (sigma_scale, tail_scale)."""
-    model.sigma_scale.fill_(1.0)
-    model.tail_scale.fill_(1.0)
+def calibrate_uncertainty(
+    model: AZPRC, val: FeatureSet, *, domain: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split-conformal calibration on the validation nights, per domain and
+    regime (the estimate that weighs most: the stars' classical or plane fit,
+    the sparse mean, the night's context; Mondrian conformal): rescale the
+    uncertainty so that 68.3 % of a regime's validation errors lie within 1
+    sigma, and set its tail factor so that 95 % lie within 1.96 x tail x sigma
+    (errors have heavier tails than a Gaussian: clouds, few stars). A clear
+    night's errors and a clouded one's do not scale alike, nor do one
+    instrument's and another's (on a domain no training night came from, the
+    source domains' factors left 68 % intervals holding 45 %), and one factor
+    for all would leave each wrong.
+
+    Every domain gets the calibration of all of ``val`` pooled over domains; a
+    domain with at least ``MIN_REGIME_EXPOSURES`` validation exposures gets its
+    own. With ``domain``, only that domain's calibration is set, from its rows
+    of ``val`` (labelled nights of an instrument added after training; the rest
+    of the model is left as it is). Returns the per-regime (sigma_scale,
+    tail_scale) of ``domain``, or of the pooled calibration."""
+    n_domains = model.sigma_scale.shape[0]
+    if domain is not None and not 0 <= domain < n_domains:
+        raise ValueError(f"calibrate_uncertainty: domain {domain} not in 0..{n_domains - 1}")
+    rows = slice(None) if domain is None else slice(domain, domain + 1)
+    model.sigma_scale[rows] = 1.0
+    model.tail_scale[rows] = 1.0
     pred, sigma, _, regime = _predict_all(model, val)
     ok = np.isfinite(val.target_mag) & (sigma > 0)
+    if domain is not None:
+        ok &= val.domain == domain
     z = np.abs(pred - val.target_mag) / np.where(ok, sigma, 1.0)
+    domains = range(n_domains) if domain is None else [domain]
     # However few the validation exposures, their conformal quantiles beat the
     # head's uncalibrated sigma (found: 8 validation exposures left sigma as
     # trained, 10-25x below the errors on the survey's nights).
-    pooled = _conformal(z[ok]) if ok.any() else (1.0, 1.0)
+    pooled = _regime_table(z, regime, ok)
+    for d in domains:
+        mine = ok & (val.domain == d)
+        table = _regime_table(z, regime, mine) if mine.sum() >= MIN_REGIME_EXPOSURES else pooled
+        model.sigma_scale[d] = torch.from_numpy(table[0]).to(model.sigma_scale)
+        model.tail_scale[d] = torch.from_numpy(table[1]).to(model.tail_scale)
+    chosen = pooled if domain is None else (
+        model.sigma_scale[domain].cpu().numpy(), model.tail_scale[domain].cpu().numpy()
+    )  # fmt: skip
+    return np.asarray(chosen[0], dtype=np.float64), np.asarray(chosen[1], dtype=np.float64)
+
+
+def _regime_table(
+    z: np.ndarray, regime: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per regime, the conformal (sigma_scale, tail_scale) of the scores ``z``
+    of ``rows``; a regime with fewer than ``MIN_REGIME_EXPOSURES`` of them takes
+    the factors of all of ``rows`` (1, 1 with none)."""
+    pooled = _conformal(z[rows]) if rows.any() else (1.0, 1.0)
     scales = np.ones(len(ESTIMATES))
     tails = np.ones(len(ESTIMATES))
     for r in range(len(ESTIMATES)):
-        rows = ok & (regime == r)
-        scales[r], tails[r] = _conformal(z[rows]) if rows.sum() >= MIN_REGIME_EXPOSURES else pooled
-    model.sigma_scale.copy_(torch.from_numpy(scales).to(model.sigma_scale))
-    model.tail_scale.copy_(torch.from_numpy(tails).to(model.tail_scale))
+        mine = rows & (regime == r)
+        scales[r], tails[r] = _conformal(z[mine]) if mine.sum() >= MIN_REGIME_EXPOSURES else pooled
     return scales, tails
 
 

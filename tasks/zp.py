@@ -24,7 +24,7 @@ from ml.zp_checkpoint import (
     save_checkpoint,
 )
 from ml.zp_clearsky import ClearSkyModels, fit_clear_sky_models
-from ml.zp_context import attach_context
+from ml.zp_context import attach_context, attach_context_out_of_night
 from ml.zp_features import (
     CONTEXT_CHANNELS,
     CONTEXT_LENGTH,
@@ -351,8 +351,19 @@ def train_zp(
     def report(epoch: int) -> None:
         emit("train", "zero-point network", epoch + 1, epochs, "epochs")
 
+    # The intervals are calibrated on the validation nights with each night's
+    # clear-sky offsets fitted without it, as a scored night sees them.
+    calibration = attach_context_out_of_night(
+        data.select(is_val),
+        lambda night: fit_clear_sky_models(every.select(~held_out & (every.night != night))),
+    )
     trained = train_zp_network(
-        model_config, data.select(is_train), data.select(is_val), train_config, on_epoch=report
+        model_config,
+        data.select(is_train),
+        data.select(is_val),
+        train_config,
+        calibration=calibration,
+        on_epoch=report,
     )
     # Early stopping ends before the last epoch: the bar ends where training did.
     ran = len(trained.history) - 1
@@ -373,6 +384,7 @@ def train_zp(
         "best_epoch": trained.best_epoch,
         "interval_calibration": {
             "regimes": list(ESTIMATES),
+            "rows": "domain",
             "sigma_scale": trained.model.sigma_scale.tolist(),
             "tail_scale": trained.model.tail_scale.tolist(),
         },

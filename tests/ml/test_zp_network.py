@@ -4,10 +4,12 @@ and the exported model (docs/zp_network.md)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from statchecks import assert_close_in_sigma, assert_fails, z_score
 
 from ml.zp_baselines import LUTBaseline, regression_metrics
@@ -53,14 +55,14 @@ def test_catalog_encoder_ignores_padding_and_star_order(features):
     model = AZPRC(SMALL).eval()
     encoder = model.catalog_encoder
     rows = np.nonzero(features.n_stars >= 5)[0][:6]
-    patch, stars, n, summary, tel, ctx = _inputs(features, rows)
+    patch, stars, n, summary, tel, ctx, dom = _inputs(features, rows)
     with torch.no_grad():
         base = encoder(stars, n)
-        base_offset, base_lv, _ = model(patch, stars, n, summary, tel, ctx)
+        base_offset, base_lv, _ = model(patch, stars, n, summary, tel, ctx, dom)
         # more padding
         padded = torch.cat([stars, torch.randn(len(rows), 11, stars.shape[2])], dim=1)
         more = encoder(padded, n)
-        more_offset, more_lv, _ = model(patch, padded, n, summary, tel, ctx)
+        more_offset, more_lv, _ = model(patch, padded, n, summary, tel, ctx, dom)
         # stars shuffled within each list (padding garbage, not zeros)
         shuffled = stars.clone()
         for b in range(len(rows)):
@@ -81,9 +83,10 @@ def test_catalog_encoder_ignores_padding_and_star_order(features):
 
 def test_empty_star_list_gives_a_finite_answer(features):
     model = AZPRC(SMALL).eval()
-    patch, stars, n, summary, tel, ctx = _inputs(features, [0, 1])
+    patch, stars, n, summary, tel, ctx, dom = _inputs(features, [0, 1])
     with torch.no_grad():
-        offset, log_var, _ = model(patch, stars, torch.zeros_like(n), summary * 0, tel, ctx * 0)
+        none = torch.zeros_like(n)
+        offset, log_var, _ = model(patch, stars, none, summary * 0, tel, ctx * 0, dom)
     assert torch.isfinite(offset).all()
     assert torch.isfinite(log_var).all()
 
@@ -270,14 +273,20 @@ def test_checkpoint_round_trip_and_onnx_parity(features, tmp_path):
     torch.manual_seed(2)
     model = AZPRC(SMALL).eval()
     with torch.no_grad():
-        model.sigma_scale.fill_(1.7)
+        model.sigma_scale.copy_(torch.tensor([[1.7], [2.3], [0.9]]).expand(3, 4))
         model.tail_scale.copy_(torch.tensor([1.1, 1.2, 1.3, 1.4]))
+    # Exposures of every domain: each takes its domain's calibration, in the export too.
+    features = replace(features, domain=np.arange(len(features)) % 3)
     card = {"metrics": {"rmse": 0.01}, "data_sha256": "x"}
     save_checkpoint(tmp_path / "ckpt", model, card)
     loaded, loaded_card = load_checkpoint(tmp_path / "ckpt")
     assert loaded_card["metrics"] == card["metrics"]
     assert AZPRCConfig.from_dict(loaded_card["model_config"]) == SMALL
     eager = predict(model, features)
+    one_domain = predict(model, replace(features, domain=np.zeros(len(features), dtype=np.int64)))
+    np.testing.assert_array_equal(one_domain[0], eager[0])  # the domain sets sigma only
+    ratio = np.array([1.7, 2.3, 0.9])[features.domain] / 1.7
+    np.testing.assert_allclose(eager[1] / one_domain[1], ratio, rtol=1e-5)
     np.testing.assert_array_equal(predict(loaded, features)[0], eager[0])
     np.testing.assert_array_equal(predict(loaded, features)[1], eager[1])
     onnx_path = export_onnx(loaded, features.select(np.arange(4)), tmp_path / "model.onnx")
@@ -287,6 +296,19 @@ def test_checkpoint_round_trip_and_onnx_parity(features, tmp_path):
     # The 95 % half-widths (per-regime tail factors) travel in the export too.
     half95 = OnnxScorer(onnx_path).intervals(features)[2]
     np.testing.assert_allclose(half95, predict_intervals(model, features)[2], rtol=2e-5)
+
+
+def test_checkpoint_with_one_calibration_for_all_domains_loads(features, tmp_path):
+    """A checkpoint from before the per-domain calibration holds one row of
+    factors: every domain gets it."""
+    model = AZPRC(SMALL).eval()
+    save_checkpoint(tmp_path / "old", model, {})
+    state = load_file(str(tmp_path / "old" / "model.safetensors"))
+    state["sigma_scale"] = torch.tensor([1.5, 1.6, 1.7, 1.8])
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    loaded, _ = load_checkpoint(tmp_path / "old")
+    assert loaded.sigma_scale.shape == (SMALL.n_domains, 4)
+    torch.testing.assert_close(loaded.sigma_scale, state["sigma_scale"].expand(3, 4))
 
 
 def test_missing_checkpoint_is_named(tmp_path):
