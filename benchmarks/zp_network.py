@@ -11,7 +11,8 @@ nights: RMSE, MAE, Pearson r, failure rate (|error| > 0.05 mag or no answer),
 exposures the classical zero point answers, by condition (clouds, few stars,
 clear), the ablations, and the cross-domain table of seed 000's setting:
 trained on domain A plus a small share of B, tested on C, with and without
-adaptation (DANN, and C's own clear-sky fit from its classical zero points).
+adaptation (DANN, and C's own clear-sky fit from its classical zero points),
+and with C's intervals calibrated on its adaptation nights.
 
 The classical zero point is the inverse-variance weighted, clipped mean of the
 exposure's stars (calib.zeropoint, weighted); issue 7 compared with the
@@ -24,6 +25,7 @@ sigma-clipped median, which is the ``classical, median`` row.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import time
@@ -38,13 +40,14 @@ from sklearn.linear_model import LogisticRegression
 from ml.zp_baselines import ForestBaseline, LUTBaseline, regression_metrics
 from ml.zp_checkpoint import OnnxScorer, export_onnx
 from ml.zp_clearsky import ClearSkyModels, fit_clear_sky_models, fit_clear_sky_of
-from ml.zp_context import attach_context
+from ml.zp_context import attach_context, attach_context_out_of_night
 from ml.zp_features import FeatureSet, split_by_night
 from ml.zp_model import AZPRC, ESTIMATES, AZPRCConfig
 from ml.zp_train import (
     TrainConfig,
     TrainedModel,
     _tensors,
+    calibrate_uncertainty,
     predict,
     predict_intervals,
     stars_consistency,
@@ -139,7 +142,12 @@ def _stars_checked(method: Method) -> Method:
     return Method(lambda fs: intervals(fs)[:2], intervals)
 
 
+METRICS = ("rmse", "mae", "r", "failure", "coverage68", "coverage95", "discordant")
+
+
 def _metrics(method: Method, fs: FeatureSet) -> dict[str, float]:
+    if len(fs) == 0:  # a condition no test exposure is in (small runs)
+        return dict.fromkeys(METRICS, float("nan"))
     if method.intervals is None:
         return regression_metrics(*method.predict(fs), fs.target_mag)
     pred, sigma, half95 = method.intervals(fs)
@@ -184,19 +192,50 @@ def _with_inputs(
     return attach_context(features, clear_sky)
 
 
-def _train(
-    cfg: AZPRCConfig, data: FeatureSet, train_m, val_m, tc: TrainConfig, label: str
-) -> TrainedModel:
-    trained = train_zp_network(cfg, data.select(train_m), data.select(val_m), tc)
-    print(
-        f"  trained {label}: {trained.seconds:.0f} s, best epoch {trained.best_epoch}, "
-        "sigma scale "
-        + "/".join(f"{v:.2f}" for v in trained.model.sigma_scale.tolist())
-        + ", tail "
-        + "/".join(f"{v:.2f}" for v in trained.model.tail_scale.tolist())
-        + f" ({'/'.join(ESTIMATES)})"
+def _out_of_night(
+    data: FeatureSet,
+    fit_m: np.ndarray,
+    rows: np.ndarray,
+    fit: Callable[[FeatureSet], ClearSkyModels | None] = fit_clear_sky_models,
+) -> FeatureSet:
+    """The exposures of ``rows`` with each night's context from clear-sky models
+    ``fit`` on the ``fit_m`` exposures of the other nights: how the intervals
+    are calibrated (ml/zp_context.attach_context_out_of_night)."""
+    return attach_context_out_of_night(
+        data.select(rows), lambda night: fit(data.select(fit_m & (data.night != night)))
     )
+
+
+def _train(
+    cfg: AZPRCConfig,
+    data: FeatureSet,
+    train_m,
+    val_m,
+    tc: TrainConfig,
+    label: str,
+    fit: Callable[[FeatureSet], ClearSkyModels | None] = fit_clear_sky_models,
+) -> TrainedModel:
+    """Train on ``train_m``, stop and calibrate on ``val_m`` (calibration with
+    the validation nights' clear-sky offsets out of night, ``fit`` on the
+    other training and validation nights)."""
+    calibration = _out_of_night(data, train_m | val_m, val_m, fit)
+    trained = train_zp_network(
+        cfg, data.select(train_m), data.select(val_m), tc, calibration=calibration
+    )
+    print(f"  trained {label}: {trained.seconds:.0f} s, best epoch {trained.best_epoch}")
+    _print_calibration(trained.model)
     return trained
+
+
+def _print_calibration(model: AZPRC, domains: tuple[int, ...] = (0, 1, 2)) -> None:
+    for d in domains:
+        print(
+            f"    domain {'ABC'[d]}: sigma scale "
+            + "/".join(f"{v:.2f}" for v in model.sigma_scale[d].tolist())
+            + ", tail "
+            + "/".join(f"{v:.2f}" for v in model.tail_scale[d].tolist())
+            + f" ({'/'.join(ESTIMATES)})"
+        )
 
 
 def main() -> None:
@@ -380,10 +419,14 @@ def _verdict(results: dict, conditions: dict) -> None:
     for label, m in (
         ("held-out nights", ans["AZP-RC"]),
         ("held-out nights, night's stars check", ans["AZP-RC + night's stars check"]),
-        ("domain C (adapted)", results["cross_domain"]["AZP-RC + C clear-sky fit"]),
+        ("domain C, source calibration", results["cross_domain"]["AZP-RC + C clear-sky fit"]),
         (
-            "domain C (adapted), stars check",
+            "domain C, source calibration + stars check",
             results["cross_domain"]["AZP-RC + C clear-sky fit + stars check"],
+        ),
+        (
+            "domain C, calibrated on its adaptation nights",
+            results["cross_domain"]["AZP-RC + C clear-sky fit + C calibration"],
         ),
     ):
         c68, c95 = 100 * m["coverage68"], 100 * m["coverage95"]
@@ -411,10 +454,10 @@ def _ablations(args, base, both, clear_sky, train_m, val_m, test_m, tc) -> dict[
     for label, (cfg, inputs) in variants.items():
         if label == "AZP-RC (all inputs)":
             continue
-        data = _with_inputs(
-            both, inputs.get("clear_sky", clear_sky), plane=inputs.get("plane", True)
-        )
-        model = _train(cfg, data, train_m, val_m, tc, label).model
+        sky = inputs.get("clear_sky", clear_sky)
+        data = _with_inputs(both, sky, plane=inputs.get("plane", True))
+        fit = fit_clear_sky_models if sky is not None else (lambda fs: None)
+        model = _train(cfg, data, train_m, val_m, tc, label, fit).model
         test = data.select(test_m)
         out[label] = {
             "all": _metrics(_network(model, args.device), test),
@@ -456,6 +499,24 @@ def _cross_domain(args, base, features, tc) -> dict[str, dict]:
         "no DANN": _train(base, mixed, tr, va, replace(tc, dann_alpha=0.0), "A+B, no DANN").model,
         "DANN": _train(base, mixed, tr, va, replace(tc, dann_alpha=0.01), "A+B, DANN 0.01").model,
     }
+    # C's intervals from its adaptation nights' targets (ubercal on C's first
+    # nights; none of them trains the network): Mondrian conformal for domain C,
+    # each night's context from C's clear-sky fit without it.
+    c_calibration = attach_context_out_of_night(
+        c.select(adapt),
+        lambda night: source_sky.adapted(
+            2, fit_clear_sky_of(c.select(adapt & (c.night != night)), prior=source_sky.pooled)
+        ),
+    )
+    calibrated = {}
+    for name, net in nets.items():
+        calibrated[name] = copy.deepcopy(net)
+        calibrate_uncertainty(calibrated[name], c_calibration, domain=2)
+    print(
+        f"  domain C calibrated on its {args.adapt_c} adaptation nights "
+        f"({len(c_calibration)} exposures):"
+    )
+    _print_calibration(calibrated["no DANN"], (2,))
     rows = {
         "classical (same stars)": (
             Method(lambda fs: (fs.catalog_zp_mag, fs.catalog_zp_err_mag)),
@@ -476,6 +537,14 @@ def _cross_domain(args, base, features, tc) -> dict[str, dict]:
         "AZP-RC + DANN + C clear-sky fit": (_network(nets["DANN"], args.device), c_adapted),
         "AZP-RC + C clear-sky fit + stars check": (
             _stars_checked(_network(nets["no DANN"], args.device)),
+            c_adapted,
+        ),
+        "AZP-RC + C clear-sky fit + C calibration": (
+            _network(calibrated["no DANN"], args.device),
+            c_adapted,
+        ),
+        "AZP-RC + DANN + C clear-sky fit + C calibration": (
+            _network(calibrated["DANN"], args.device),
             c_adapted,
         ),
     }
@@ -521,8 +590,7 @@ def _latency_only(args: argparse.Namespace, base: AZPRCConfig) -> None:
     onnx_path = export_onnx(model.cpu(), fs, Path("/tmp/azprc_latency.onnx"))
     model = model.to(args.device)
     print(HEADER)
-    metrics = {k: float("nan") for k in ("rmse", "mae", "r", "failure", "coverage68")}
-    metrics |= {"coverage95": float("nan"), "discordant": float("nan")}
+    metrics = dict.fromkeys(METRICS, float("nan"))
     for name, fn in (
         (f"AZP-RC, eager ({args.device})", _network(model, args.device).predict),
         ("AZP-RC, ONNX (CPU)", OnnxScorer(onnx_path, threads=args.threads).predict),
