@@ -302,10 +302,7 @@ def calibrate_uncertainty(
         table = _regime_table(z, regime, mine) if mine.sum() >= MIN_REGIME_EXPOSURES else pooled
         model.sigma_scale[d] = torch.from_numpy(table[0]).to(model.sigma_scale)
         model.tail_scale[d] = torch.from_numpy(table[1]).to(model.tail_scale)
-    chosen = pooled if domain is None else (
-        model.sigma_scale[domain].cpu().numpy(), model.tail_scale[domain].cpu().numpy()
-    )  # fmt: skip
-    return np.asarray(chosen[0], dtype=np.float64), np.asarray(chosen[1], dtype=np.float64)
+    return pooled  # with ``domain``, ``ok`` holds its rows only and this is its table
 
 
 def _regime_table(
