@@ -90,10 +90,24 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return arrays, versions
 
 
+ATOL = {"centroid_dx_px": 1e-9, "centroid_dy_px": 1e-9}
+"""Absolute tolerances, by variable name, where a relative one means nothing:
+the centroid offsets are differences of ~60 px positions and lie near 0
+(0.0008 px), so the positions' last bits (7e-11 px on an AMD EPYC against the
+copy's machine, 1e-12 relative) are 4e-9 of them."""
+
+
 def differences(
-    golden: dict[str, np.ndarray], fresh: dict[str, np.ndarray], *, rtol: float
+    golden: dict[str, np.ndarray],
+    fresh: dict[str, np.ndarray],
+    *,
+    rtol: float,
+    atol: dict[str, float] | None = None,
 ) -> list[str]:
-    """One line per variable that is missing, extra, reshaped or beyond ``rtol``."""
+    """One line per variable that is missing, extra, reshaped or beyond ``rtol``
+    (and beyond ``atol[name]`` where the variable's name, after the colon, has
+    one)."""
+    atol = atol or {}
     out = [f"{k}: missing from the new run" for k in sorted(set(golden) - set(fresh))]
     out += [f"{k}: new variable, not in the golden copy" for k in sorted(set(fresh) - set(golden))]
     for key in sorted(set(golden) & set(fresh)):
@@ -114,7 +128,8 @@ def differences(
         with np.errstate(invalid="ignore"):
             diff = np.abs(a64[ok] - b64[ok])
             scale = np.maximum(np.abs(a64[ok]), np.abs(b64[ok]))
-            bad = ~(diff <= rtol * scale)  # inf - inf is NaN: bad unless both equal
+            floor = atol.get(key.split(":")[-1], 0.0)
+            bad = ~(diff <= np.maximum(rtol * scale, floor))  # inf - inf is NaN: bad unless equal
             bad &= a64[ok] != b64[ok]
         if bad.any():
             rel = np.max(np.where(scale[bad] > 0, diff[bad] / scale[bad], np.inf))
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     golden, versions = load(args.golden)
     if versions != library_versions():
         print(f"note: golden made with {versions}, this run has {library_versions()}")
-    diffs = differences(golden, arrays, rtol=args.rtol)
+    diffs = differences(golden, arrays, rtol=args.rtol, atol=ATOL)
     for line in diffs:
         print(line)
     print(f"{len(golden)} golden arrays, {len(diffs)} differ beyond rtol {args.rtol:g}")
