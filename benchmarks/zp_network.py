@@ -502,11 +502,11 @@ def _cross_domain(args, base, features, tc) -> dict[str, dict]:
     # C's intervals from its adaptation nights' targets (ubercal on C's first
     # nights; none of them trains the network): Mondrian conformal for domain C,
     # each night's context from C's clear-sky fit without it.
-    c_calibration = attach_context_out_of_night(
-        c.select(adapt),
-        lambda night: source_sky.adapted(
-            2, fit_clear_sky_of(c.select(adapt & (c.night != night)), prior=source_sky.pooled)
-        ),
+    c_calibration = _out_of_night(
+        c,
+        adapt,
+        adapt,
+        lambda fs: source_sky.adapted(2, fit_clear_sky_of(fs, prior=source_sky.pooled)),
     )
     calibrated = {}
     for name, net in nets.items():
