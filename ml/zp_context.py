@@ -96,8 +96,8 @@ def attach_context_out_of_night(
     sees, for the nights the intervals are calibrated on. Their clear-sky
     models were fitted on them, and an instrument with ten nights fits its own
     closely enough that intervals calibrated in sample held 63 % instead of 68
-    on its later nights (benchmarks/zp_network.py, domain C). Rows stay in
-    their order."""
+    on its later nights (a diagnostic on the benchmark's domain C;
+    docs/zp_network.md, "Intervals"). Rows stay in their order."""
     clear = np.full(len(features), np.nan)
     context = np.zeros((len(features), CONTEXT_LENGTH, len(CONTEXT_CHANNELS)), dtype=np.float32)
     for night in np.unique(features.night):
